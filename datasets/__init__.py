@@ -1,0 +1,1 @@
+"""nuScenes reader, synthetic drive generator, transforms, collate and the Lightning data module."""

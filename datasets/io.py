@@ -1,0 +1,266 @@
+"""Parsers for nuScenes sensor files: LiDAR `.pcd.bin`, radar `.pcd` (v0.7 binary) and camera JPEGs.
+
+Every parser takes a path and returns numpy arrays in the SENSOR frame, exactly as stored; bringing them into the
+ego frame is the sample builder's job (fusion.datasets.nuscenes). Bad input raises FileNotFoundError / ValueError
+whose message names the file; nothing is silently repaired. None of these functions needs a NuScenes object.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+#: Columns of a nuScenes LiDAR `.pcd.bin`: five little-endian float32 per point.
+LIDAR_BIN_FIELDS: tuple[str, ...] = ("x", "y", "z", "intensity", "ring")
+LIDAR_POINT_BYTES = 4 * len(LIDAR_BIN_FIELDS)
+
+#: The 18 fields of a nuScenes radar `.pcd`, in file order (the devkit's RadarPointCloud rows).
+RADAR_PCD_FIELDS: tuple[str, ...] = (
+    "x", "y", "z", "dyn_prop", "id", "rcs", "vx", "vy", "vx_comp", "vy_comp", "is_quality_valid", "ambig_state",
+    "x_rms", "y_rms", "invalid_state", "pdh0", "vx_rms", "vy_rms",
+)
+_PCD_TYPES = {("F", 2): "<f2", ("F", 4): "<f4", ("F", 8): "<f8",
+              ("I", 1): "i1", ("I", 2): "<i2", ("I", 4): "<i4", ("I", 8): "<i8",
+              ("U", 1): "u1", ("U", 2): "<u2", ("U", 4): "<u4", ("U", 8): "<u8"}
+_PCD_MAX_HEADER_BYTES = 64 * 1024
+#: Storage types of the nuScenes radar fields (SIZE 4 4 4 1 2 4 4 4 4 4 1 1 1 1 1 1 1 1, TYPE F F F I I F ... I).
+_RADAR_FORMATS = ["<f4", "<f4", "<f4", "i1", "<i2", "<f4", "<f4", "<f4", "<f4", "<f4",
+                  "i1", "i1", "i1", "i1", "i1", "i1", "i1", "i1"]
+
+
+def lidar_bin_size(path: str | os.PathLike) -> int:
+    """Number of points in a LiDAR `.pcd.bin` from its size, without reading it.
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) when its size is not a whole
+    number of 20-byte points, i.e. it is truncated or not a nuScenes LiDAR file.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"LiDAR file not found: {path}") from None
+    if size % LIDAR_POINT_BYTES:
+        raise ValueError(f"corrupt LiDAR file {path}: {size} bytes is not a whole number of {LIDAR_POINT_BYTES}-byte "
+                         "points (x, y, z, intensity, ring as float32); truncated?")
+    return size // LIDAR_POINT_BYTES
+
+
+def read_lidar_bin(path: str | os.PathLike, out: np.ndarray | None = None) -> np.ndarray:
+    """LiDAR points [N, 5] float32 (x, y, z meters in the LiDAR sensor frame; intensity; ring index) of a `.pcd.bin`.
+
+    out: optional C-contiguous float32 [N, 5] array to read into (no allocation); N must match the file.
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) for a size that is not a whole
+    number of 20-byte points. Non-finite values are returned as they are; the sample builder drops and counts them.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"LiDAR file not found: {path}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read LiDAR file {path}: {error}") from error
+    try:
+        size = os.fstat(fd).st_size
+        if size % LIDAR_POINT_BYTES:
+            raise ValueError(f"corrupt LiDAR file {path}: {size} bytes is not a whole number of {LIDAR_POINT_BYTES}-"
+                             "byte points (x, y, z, intensity, ring as float32); truncated?")
+        count = size // LIDAR_POINT_BYTES
+        if out is None:
+            out = np.empty((count, len(LIDAR_BIN_FIELDS)), dtype="<f4")
+        elif out.shape != (count, len(LIDAR_BIN_FIELDS)) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"read_lidar_bin: out must be C-contiguous float32 [{count}, 5] for {path}, got "
+                             f"{out.dtype} {out.shape}")
+        buffer, read = memoryview(out).cast("B"), 0
+        while read < size:
+            chunk = os.readv(fd, [buffer[read:]])
+            if chunk == 0:
+                raise ValueError(f"LiDAR file {path} shrank while reading: {read} of {size} bytes")
+            read += chunk
+    except OSError as error:
+        raise ValueError(f"cannot read LiDAR file {path}: {error}") from error
+    finally:
+        os.close(fd)
+    return out
+
+
+@dataclass(frozen=True)
+class RadarFilters:
+    """Which radar returns to keep, by state (the devkit's RadarPointCloud filters). None keeps every value."""
+
+    invalid_states: tuple[int, ...] | None = (0,)
+    dynprop_states: tuple[int, ...] | None = tuple(range(7))
+    ambig_states: tuple[int, ...] | None = (3,)
+
+    @staticmethod
+    def default() -> "RadarFilters":
+        """The devkit's defaults: valid clusters, dyn_prop 0..6, unambiguous Doppler."""
+        return RadarFilters()
+
+    @staticmethod
+    def none() -> "RadarFilters":
+        """Keep every return."""
+        return RadarFilters(None, None, None)
+
+    @staticmethod
+    def parse(spec: "RadarFilters | str | dict | None") -> "RadarFilters":
+        """From a RadarFilters, "default", "none"/None, or a dict of the three fields (lists of ints or null)."""
+        if isinstance(spec, RadarFilters):
+            return spec
+        if spec is None or spec == "none":
+            return RadarFilters.none()
+        if spec == "default":
+            return RadarFilters.default()
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"invalid_states", "dynprop_states", "ambig_states"}
+            if unknown:
+                raise ValueError(f"radar_filters: unknown keys {sorted(unknown)}")
+            return RadarFilters(**{k: None if v is None else tuple(int(s) for s in v) for k, v in spec.items()})
+        raise ValueError(f"radar_filters must be 'default', 'none', a dict or RadarFilters, got {spec!r}")
+
+    def keep(self, points: np.ndarray) -> np.ndarray:
+        """Bool mask [N] of the rows of a parsed radar array [N, 18] (RADAR_PCD_FIELDS columns) to keep."""
+        keep = np.ones(points.shape[0], dtype=bool)
+        for states, field in ((self.invalid_states, "invalid_state"), (self.dynprop_states, "dyn_prop"),
+                              (self.ambig_states, "ambig_state")):
+            if states is None:
+                continue
+            values = points[:, RADAR_PCD_FIELDS.index(field)]
+            lookup = np.zeros(257, dtype=bool)                 # states are small integers; 256 = anything else
+            lookup[[s for s in states if 0 <= s < 256]] = True
+            index = np.where((values >= 0) & (values < 256) & (values == np.floor(values)), values, 256)
+            keep &= lookup[index.astype(np.int64)]
+        return keep
+
+
+def _parse_pcd_header(path: str, blob: bytes) -> tuple[dict[str, list[str]], int]:
+    """Header keys -> values of a PCD file and the byte offset where its data starts."""
+    header: dict[str, list[str]] = {}
+    offset = 0
+    while True:
+        end = blob.find(b"\n", offset)
+        if end < 0:
+            raise ValueError(f"bad radar PCD header in {path}: no 'DATA' line in the first "
+                             f"{min(len(blob), _PCD_MAX_HEADER_BYTES)} bytes")
+        try:
+            line = blob[offset:end].decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"bad radar PCD header in {path}: non-text bytes before the 'DATA' line") from None
+        offset = end + 1
+        if not line or line.startswith("#"):
+            continue
+        key, *values = line.split()
+        header[key.upper()] = values
+        if key.upper() == "DATA":
+            return header, offset
+
+
+def read_radar_pcd(path: str | os.PathLike, filters: RadarFilters | None = None) -> np.ndarray:
+    """Radar returns [N, 18] float64 (RADAR_PCD_FIELDS columns; x, y, z meters and velocities m/s in the radar
+    sensor frame) of a nuScenes PCD v0.7 binary file, optionally filtered.
+
+    Gives exactly what nuscenes-devkit's `RadarPointCloud.from_file(path, ...).points.T` gives (same values, same
+    order, same "NaN in the first point means an empty cloud" rule), but vectorised with a structured dtype built
+    from the header. Reads WIDTH points after the header and ignores trailing bytes (real nuScenes files have
+    them). Raises ValueError naming the file for a bad header, an unsupported DATA kind (ascii,
+    binary_compressed), or data too short for WIDTH points; FileNotFoundError for a missing file.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"radar file not found: {path}") from None
+    header, data_start = _parse_pcd_header(path, blob[:_PCD_MAX_HEADER_BYTES])
+    for key in ("FIELDS", "SIZE", "TYPE", "WIDTH", "HEIGHT", "DATA"):
+        if key not in header:
+            raise ValueError(f"bad radar PCD header in {path}: no {key} line")
+    data_kind = header["DATA"][0].lower() if header["DATA"] else ""
+    if data_kind != "binary":
+        raise ValueError(f"unsupported radar PCD DATA kind {data_kind!r} in {path}: only 'binary' is supported")
+    names, sizes, types = header["FIELDS"], header["SIZE"], header["TYPE"]
+    counts = header.get("COUNT", ["1"] * len(names))
+    if not (len(names) == len(sizes) == len(types) == len(counts)):
+        raise ValueError(f"bad radar PCD header in {path}: FIELDS/SIZE/TYPE/COUNT have different lengths "
+                         f"({len(names)}, {len(sizes)}, {len(types)}, {len(counts)})")
+    if any(c != "1" for c in counts):
+        raise ValueError(f"bad radar PCD header in {path}: COUNT other than 1 is not supported ({counts})")
+    missing = [name for name in RADAR_PCD_FIELDS if name not in names]
+    if missing:
+        raise ValueError(f"bad radar PCD header in {path}: fields {missing} missing from FIELDS {names}")
+    try:
+        formats = [_PCD_TYPES[(t.upper(), int(s))] for t, s in zip(types, sizes)]
+        width, height = int(header["WIDTH"][0]), int(header["HEIGHT"][0])
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"bad radar PCD header in {path}: SIZE {sizes} / TYPE {types} / WIDTH / HEIGHT "
+                         "not understood") from None
+    if height != 1 or width < 0:
+        raise ValueError(f"bad radar PCD header in {path}: WIDTH {width} x HEIGHT {height}; expected HEIGHT 1")
+    dtype = np.dtype({"names": names, "formats": formats})
+    needed = width * dtype.itemsize
+    available = len(blob) - data_start
+    if available < needed:
+        raise ValueError(f"truncated radar file {path}: WIDTH {width} points of {dtype.itemsize} bytes need "
+                         f"{needed} bytes after the header, found {available}")
+    records = np.frombuffer(blob, dtype=dtype, count=width, offset=data_start)
+    points = np.stack([records[name].astype(np.float64) for name in RADAR_PCD_FIELDS], axis=1) if width else \
+        np.zeros((0, len(RADAR_PCD_FIELDS)))
+    if width and np.isnan(points[0]).any():  # the devkit's convention for an empty cloud
+        return np.zeros((0, len(RADAR_PCD_FIELDS)))
+    if filters is not None:
+        points = points[filters.keep(points)]
+    return points
+
+
+def write_radar_pcd(path: str | os.PathLike, points: np.ndarray, trailing_bytes: int = 0) -> None:
+    """Write radar returns [N, 18] (RADAR_PCD_FIELDS columns, sensor frame) as a nuScenes PCD v0.7 binary file with
+    the standard field types, optionally followed by `trailing_bytes` zero bytes (as real files have)."""
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != len(RADAR_PCD_FIELDS):
+        raise ValueError(f"write_radar_pcd: points must be [N, {len(RADAR_PCD_FIELDS)}], got {points.shape}")
+    records = np.zeros(len(points), dtype=np.dtype({"names": list(RADAR_PCD_FIELDS), "formats": _RADAR_FORMATS}))
+    for i, name in enumerate(RADAR_PCD_FIELDS):
+        records[name] = points[:, i]
+    sizes = " ".join(str(np.dtype(f).itemsize) for f in _RADAR_FORMATS)
+    types = " ".join("F" if np.dtype(f).kind == "f" else "I" for f in _RADAR_FORMATS)
+    header = ["# .PCD v0.7 - Point Cloud Data file format", "VERSION 0.7", "FIELDS " + " ".join(RADAR_PCD_FIELDS),
+              f"SIZE {sizes}", f"TYPE {types}", "COUNT " + " ".join(["1"] * len(RADAR_PCD_FIELDS)),
+              f"WIDTH {len(points)}", "HEIGHT 1", "VIEWPOINT 0 0 0 1 0 0 0", f"POINTS {len(points)}", "DATA binary"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(records.tobytes())
+        f.write(b"\0" * int(trailing_bytes))
+
+
+def read_jpeg(path: str | os.PathLike, decode_size: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """RGB image [H, W, 3] uint8 (read-only) of a JPEG and the integer downscale factor it was decoded with.
+
+    decode_size: (width, height) the caller needs at least; when given, the JPEG is decoded with DCT scaling
+        (PIL `Image.draft`, 1/2, 1/4 or 1/8) to the smallest size still at least that large. Pixel i of the result
+        covers source pixels [i * s, (i + 1) * s) for the returned factor s (1 when not downscaled); update the
+        intrinsics with `scale_intrinsics(K, 1 / s)`.
+    Raises FileNotFoundError for a missing file and ValueError naming the file for a corrupt or truncated one.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            full_width = image.size[0]
+            if decode_size is not None:
+                image.draft("RGB", (int(decode_size[0]), int(decode_size[1])))
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"camera image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"corrupt camera image {path}: {error}") from error
+    return array, max(1, int(round(full_width / array.shape[1])))
+
+
+def scale_intrinsics(intrinsics: np.ndarray, scale_x: float, scale_y: float | None = None) -> np.ndarray:
+    """Pinhole matrix [3, 3] after resizing the image by (scale_x, scale_y), with pixel centres at integer
+    coordinates: u' = (u + 0.5) * scale - 0.5 (the mapping PIL's resize and JPEG DCT scaling use)."""
+    scale_y = scale_x if scale_y is None else scale_y
+    resize = np.array([[scale_x, 0.0, 0.5 * scale_x - 0.5], [0.0, scale_y, 0.5 * scale_y - 0.5], [0.0, 0.0, 1.0]])
+    return resize @ np.asarray(intrinsics, dtype=np.float64)

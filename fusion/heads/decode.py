@@ -1,0 +1,201 @@
+"""Box coding for the CenterPoint head: ground-truth Boxes -> training targets, and raw maps -> Boxes.
+
+Both directions use the same convention on the BEVGrid (row i <-> ego y, column j <-> ego x, see fusion/grid.py):
+a box whose center (x, y) falls in cell (row, col) is represented at that cell by
+    offset  = ((x - x_min) / cell - col, (y - y_min) / cell - row)   in [0, 1), cells
+    height  = z of the box center, meters
+    size    = log(length, width, height), log-meters
+    rotation= (sin yaw, cos yaw)
+    velocity= (vx, vy), m/s, NaN where unknown (the loss masks it)
+and by a Gaussian peak of value exactly 1 on its class heatmap (CenterPoint's gaussian_radius with min_overlap).
+`decode_boxes` is a pure function (no module state): max-pool peak extraction, no NMS library.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusion.grid import BEVGrid
+from fusion.heads.centerpoint import HeadOutput
+from fusion.types import ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
+
+#: The devkit's relevant attributes per class (nuscenes.eval.detection.utils.detection_name_to_rel_attributes).
+RELEVANT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "car": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "truck": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "construction_vehicle": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "bus": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "trailer": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "barrier": (),
+    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
+    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
+    "pedestrian": ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing"),
+    "traffic_cone": (),
+}
+
+
+def relevant_attribute_mask(device=None) -> Tensor:
+    """[10, 8] bool: which ATTRIBUTES are relevant to each of DETECTION_CLASSES."""
+    mask = torch.zeros(len(DETECTION_CLASSES), len(ATTRIBUTES), dtype=torch.bool, device=device)
+    for c, name in enumerate(DETECTION_CLASSES):
+        for attribute in RELEVANT_ATTRIBUTES[name]:
+            mask[c, ATTRIBUTES.index(attribute)] = True
+    return mask
+
+
+def gaussian_radius(length_cells: Tensor, width_cells: Tensor, min_overlap: float = 0.1) -> Tensor:
+    """CenterPoint's / CornerNet's gaussian_radius: the radius (cells) of center displacement that keeps a box of
+    (length, width) cells above `min_overlap` IoU with itself, the smallest of the three corner cases."""
+    h, w = length_cells, width_cells
+    b1 = h + w
+    c1 = w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2 = 2 * (h + w)
+    c2 = (1 - min_overlap) * w * h
+    r2 = (b2 + torch.sqrt(b2 ** 2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (h + w)
+    c3 = (min_overlap - 1) * w * h
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+@dataclass
+class HeadTargets:
+    """Training targets for one batch, objects padded to N = the most objects in a sample.
+
+    heatmap: [B, 10, H, W] float32 in [0, 1], exactly 1 at each object's center cell.
+    index: [B, N] int64 flat cell index row * W + col of each object (0 for padding).
+    mask: [B, N] bool, real objects (False for padding).
+    labels: [B, N] int64 class index.
+    regression: [B, N, 10] float32 in REGRESSION_FIELDS order (offset 2, height 1, log size 3, sin/cos 2,
+        velocity 2); velocity entries are NaN where the ground truth has none.
+    attribute: [B, N] int64 attribute index, NO_ATTRIBUTE (-1) where none or where the class has no attributes.
+    """
+
+    heatmap: Tensor
+    index: Tensor
+    mask: Tensor
+    labels: Tensor
+    regression: Tensor
+    attribute: Tensor
+
+
+def encode_targets(boxes: list[Boxes], grid: BEVGrid, min_overlap: float = 0.1, min_radius: int = 2,
+                   device=None) -> HeadTargets:
+    """Ground-truth Boxes (ego frame) of each sample -> HeadTargets on the grid. Boxes whose center is outside the
+    grid, or with a non-finite center/size/yaw, are left out. Vectorised (no per-box Python loop)."""
+    height, width = grid.shape
+    num_classes = len(DETECTION_CLASSES)
+    batch = len(boxes)
+    device = device if device is not None else (boxes[0].center.device if boxes else None)
+    kept: list[Boxes] = []
+    for b in boxes:
+        b = b.to(device)
+        finite = torch.isfinite(b.center).all(1) & torch.isfinite(b.size).all(1) & torch.isfinite(b.yaw)
+        finite &= (b.size > 0).all(1) & (b.labels >= 0) & (b.labels < num_classes)
+        _, _, inside = grid.cell_index(b.center[:, :2])
+        kept.append(b.select(finite & inside))
+    count = max([len(b) for b in kept] + [0])
+    heatmap = torch.zeros(batch, num_classes, height, width, device=device)
+    index = torch.zeros(batch, count, dtype=torch.int64, device=device)
+    mask = torch.zeros(batch, count, dtype=torch.bool, device=device)
+    labels = torch.zeros(batch, count, dtype=torch.int64, device=device)
+    regression = torch.zeros(batch, count, 10, device=device)
+    attribute = torch.full((batch, count), NO_ATTRIBUTE, dtype=torch.int64, device=device)
+    relevant = relevant_attribute_mask(device)
+    for i, b in enumerate(kept):
+        n = len(b)
+        if n == 0:
+            continue
+        center = b.center.float()
+        row, col, _ = grid.cell_index(center[:, :2])
+        index[i, :n] = row * width + col
+        mask[i, :n] = True
+        labels[i, :n] = b.labels
+        offset = torch.stack([(center[:, 0] - grid.x_min) / grid.cell_size - col,
+                              (center[:, 1] - grid.y_min) / grid.cell_size - row], dim=1)
+        regression[i, :n] = torch.cat([offset, center[:, 2:3], torch.log(b.size.float()),
+                                       torch.sin(b.yaw.float())[:, None], torch.cos(b.yaw.float())[:, None],
+                                       b.velocity.float()], dim=1)
+        attr = b.attributes.clone()
+        valid_attr = (attr >= 0) & (attr < len(ATTRIBUTES))
+        valid_attr &= relevant[b.labels, attr.clamp(0, len(ATTRIBUTES) - 1)]
+        attribute[i, :n] = torch.where(valid_attr, attr, torch.full_like(attr, NO_ATTRIBUTE))
+        _draw_gaussians(heatmap[i], b.labels, row, col, b.size[:, 0].float() / grid.cell_size,
+                        b.size[:, 1].float() / grid.cell_size, min_overlap, min_radius)
+    return HeadTargets(heatmap, index, mask, labels, regression, attribute)
+
+
+def _draw_gaussians(heatmap: Tensor, labels: Tensor, row: Tensor, col: Tensor, length_cells: Tensor,
+                    width_cells: Tensor, min_overlap: float, min_radius: int) -> None:
+    """Max-composite a Gaussian per object (CenterPoint's draw_heatmap_gaussian) into heatmap [C, H, W] in place."""
+    num_classes, height, width = heatmap.shape
+    radius = torch.clamp(gaussian_radius(length_cells, width_cells, min_overlap).floor(), min=min_radius).long()
+    reach = int(radius.max())
+    steps = torch.arange(-reach, reach + 1, device=heatmap.device)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")  # [S, S]
+    sigma = (2 * radius + 1).float() / 6.0  # [N]
+    gauss = torch.exp(-(dx[None] ** 2 + dy[None] ** 2).float() / (2 * sigma[:, None, None] ** 2))  # [N, S, S]
+    gauss = torch.where(gauss < torch.finfo(torch.float32).eps * gauss.amax(dim=(1, 2), keepdim=True),
+                        torch.zeros_like(gauss), gauss)
+    rows, cols = row[:, None, None] + dy[None], col[:, None, None] + dx[None]
+    valid = (dy[None].abs() <= radius[:, None, None]) & (dx[None].abs() <= radius[:, None, None])
+    valid &= (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    flat = (labels[:, None, None] * height + rows) * width + cols
+    heatmap.view(-1).scatter_reduce_(0, flat[valid], gauss[valid], reduce="amax", include_self=True)
+
+
+def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1, max_boxes: int = 500,
+                 pool_size: int = 3) -> list[Boxes]:
+    """Raw head maps -> Boxes per sample in the ego frame, best first, at most `max_boxes` each.
+
+    A peak is a cell whose class probability (sigmoid of the heatmap logit) is the maximum of its
+    pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
+    dropped. Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
+    """
+    if max_boxes < 1:
+        raise ValueError(f"decode_boxes: max_boxes must be >= 1, got {max_boxes}")
+    if pool_size < 1 or pool_size % 2 == 0:
+        raise ValueError(f"decode_boxes: pool_size must be a positive odd number, got {pool_size}")
+    out = output.float()
+    batch, num_classes, height, width = out.heatmap.shape
+    if (height, width) != grid.shape:
+        raise ValueError(f"decode_boxes: maps have spatial shape {(height, width)}, the grid {grid.shape}")
+    heat = torch.sigmoid(out.heatmap)
+    peaks = F.max_pool2d(heat, pool_size, stride=1, padding=pool_size // 2)
+    heat = torch.where(peaks == heat, heat, torch.zeros_like(heat))
+    k = min(max_boxes, num_classes * height * width)
+    scores, flat = heat.view(batch, -1).topk(k, dim=1)  # sorted, best first
+    labels = flat // (height * width)
+    cell = flat % (height * width)
+    row, col = (cell // width).float(), (cell % width).float()
+
+    def gather(maps: Tensor) -> Tensor:  # [B, C, H, W] -> [B, k, C]
+        return maps.flatten(2).gather(2, cell[:, None, :].expand(-1, maps.shape[1], -1)).transpose(1, 2)
+
+    offset, z, log_size = gather(out.offset), gather(out.height), gather(out.size)
+    rotation, velocity, attr_logits = gather(out.rotation), gather(out.velocity), gather(out.attribute)
+    x = grid.x_min + (col + offset[..., 0]) * grid.cell_size
+    y = grid.y_min + (row + offset[..., 1]) * grid.cell_size
+    center = torch.stack([x, y, z[..., 0]], dim=-1)
+    size = torch.exp(log_size.clamp(max=math.log(100.0)))
+    yaw = torch.atan2(rotation[..., 0], rotation[..., 1])
+    relevant = relevant_attribute_mask(heat.device)[labels]  # [B, k, 8]
+    attributes = attr_logits.masked_fill(~relevant, float("-inf")).argmax(dim=-1)
+    attributes = torch.where(relevant.any(dim=-1), attributes, torch.full_like(attributes, NO_ATTRIBUTE))
+    results = []
+    for i in range(batch):
+        keep = scores[i] >= score_threshold
+        n = int(keep.sum())
+        results.append(Boxes(
+            center=center[i][keep], size=size[i][keep], yaw=yaw[i][keep], velocity=velocity[i][keep],
+            labels=labels[i][keep], attributes=attributes[i][keep], scores=scores[i][keep],
+            num_lidar_pts=torch.full((n,), -1, dtype=torch.int64, device=heat.device),
+            num_radar_pts=torch.full((n,), -1, dtype=torch.int64, device=heat.device),
+        ))
+    return results

@@ -1,0 +1,88 @@
+"""Losses of the CenterPoint head: Gaussian focal loss on the heatmaps, L1 on the regressions at object centers,
+cross-entropy on the class-relevant attributes. Always computed in float32 (safe under mixed precision)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusion.heads.centerpoint import HeadOutput
+from fusion.heads.decode import HeadTargets, relevant_attribute_mask
+
+
+def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
+    """CenterNet's penalty-reduced focal loss, summed and divided by the number of centers (target == 1, at least 1).
+
+    logits: [B, C, H, W] heatmap logits; target: [B, C, H, W] Gaussian heatmap in [0, 1]. Uses log-sigmoid for
+    stability instead of clamping probabilities."""
+    logits, target = logits.float(), target.float()
+    prob = torch.sigmoid(logits)
+    positive = target.eq(1.0)
+    pos_loss = -F.logsigmoid(logits) * (1 - prob).pow(alpha)
+    neg_loss = -F.logsigmoid(-logits) * prob.pow(alpha) * (1 - target).pow(gamma)
+    loss = torch.where(positive, pos_loss, neg_loss).sum()
+    return loss / positive.sum().clamp_min(1).float()
+
+
+def gather_at(maps: Tensor, index: Tensor) -> Tensor:
+    """Values of maps [B, C, H, W] at flat cell indices [B, N] -> [B, N, C]."""
+    flat = maps.flatten(2)
+    return flat.gather(2, index[:, None, :].expand(-1, maps.shape[1], -1)).transpose(1, 2)
+
+
+def masked_l1(prediction: Tensor, target: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+    """Sum of weighted |prediction - target| over valid entries, divided by the number of objects (at least 1).
+
+    prediction/target: [B, N, D]; mask: [B, N] objects; weights: [D]. Target entries that are NaN (unknown ground
+    truth, e.g. velocity) are left out of the sum."""
+    valid = mask[..., None] & torch.isfinite(target)
+    diff = torch.where(valid, (prediction.float() - torch.nan_to_num(target.float())).abs(),
+                       torch.zeros_like(prediction, dtype=torch.float32))
+    return (diff * weights).sum() / mask.sum().clamp_min(1).float()
+
+
+class CenterPointLoss(nn.Module):
+    """Weighted sum of the head losses; `forward` returns the named parts and the total (key "loss").
+
+    Args:
+        heatmap_weight: weight of the Gaussian focal loss.
+        regression_weight: weight of the L1 regression loss (CenterPoint: 0.25).
+        code_weights: per-channel L1 weights in REGRESSION_FIELDS order (offset 2, height, log size 3, sin/cos 2,
+            velocity 2); CenterPoint's nuScenes setting down-weights velocity to 0.2.
+        attribute_weight: weight of the attribute cross-entropy (class-relevant attributes only).
+        focal_alpha / focal_gamma: the focal loss exponents.
+    """
+
+    def __init__(self, heatmap_weight: float = 1.0, regression_weight: float = 0.25,
+                 code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2),
+                 attribute_weight: float = 0.2, focal_alpha: float = 2.0, focal_gamma: float = 4.0):
+        super().__init__()
+        if len(code_weights) != 10:
+            raise ValueError(f"CenterPointLoss: code_weights needs 10 values, got {len(code_weights)}")
+        self.heatmap_weight, self.regression_weight, self.attribute_weight = (heatmap_weight, regression_weight,
+                                                                              attribute_weight)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.register_buffer("code_weights", torch.tensor(code_weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, output: HeadOutput, targets: HeadTargets) -> dict[str, Tensor]:
+        with torch.autocast(device_type=output.heatmap.device.type, enabled=False):
+            out = output.float()
+            heatmap = gaussian_focal_loss(out.heatmap, targets.heatmap, self.focal_alpha, self.focal_gamma)
+            predicted = gather_at(out.regression(), targets.index)
+            regression = masked_l1(predicted, targets.regression, targets.mask, self.code_weights)
+            attribute = self._attribute_loss(out.attribute, targets)
+            total = (self.heatmap_weight * heatmap + self.regression_weight * regression
+                     + self.attribute_weight * attribute)
+        return {"loss": total, "heatmap": heatmap.detach(), "regression": regression.detach(),
+                "attribute": attribute.detach()}
+
+    @staticmethod
+    def _attribute_loss(attribute_maps: Tensor, targets: HeadTargets) -> Tensor:
+        """Cross-entropy over each object's class-relevant attributes; objects without one are ignored."""
+        logits = gather_at(attribute_maps, targets.index)  # [B, N, 8]
+        relevant = relevant_attribute_mask(logits.device)[targets.labels]  # [B, N, 8]
+        use = targets.mask & (targets.attribute >= 0)
+        if not bool(use.any()):
+            return logits.sum() * 0.0
+        masked = logits.masked_fill(~relevant, float("-inf"))[use]
+        return F.cross_entropy(masked, targets.attribute[use])

@@ -1,0 +1,32 @@
+"""Benchmarks: speed and memory figures for docs/benchmarks.md.
+
+    python tools/benchmark.py ops      [--device cpu|cuda] ...   voxelization, bev_pool, scatter backends
+    python tools/benchmark.py reader   --dataroot DIR ...        our nuScenes reader vs the devkit
+    python tools/benchmark.py model    --config FILE ...         inference / training throughput
+
+Each area prints a table and, with --json FILE, writes its figures as JSON. Run `... AREA --help` for options.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+AREAS = {
+    "ops": "tools.benchmarks.ops",
+    "reader": "tools.benchmarks.reader",
+    "model": "tools.benchmarks.model",
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("area", choices=sorted(AREAS))
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(AREAS[args.area])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark implementations behind tools/benchmark.py, one module per area."""

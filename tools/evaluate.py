@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""nuScenes detection benchmark of a trained FusionDetector, or of a results file, with the nuscenes-devkit.
+
+From a checkpoint (inference over the split with the model's predict_boxes, then the devkit):
+    python tools/evaluate.py --dataroot data/synthetic --version v1.0-synth --split synth_val --out outputs/eval \
+        --config configs/tiny_cpu.yaml --checkpoint runs/tiny_cpu/checkpoints/last.ckpt [--robustness]
+From an existing submission (validated against the nuScenes format first, then evaluated):
+    python tools/evaluate.py --dataroot DIR --version V --split NAME --out DIR --results results_nusc.json
+
+Writes under --out:
+    results_nusc.json       the submission (checkpoint mode): global frame, every sample of the split, meta flags
+    metrics_summary.json    the devkit's summary (mAP, NDS, TP errors, per class); metrics_details.json
+    plots/*.pdf             the devkit's PR / TP curves (skip with --no-curves)
+    robustness.json         with --robustness: NDS / mAP per condition (sensor removed, LiDAR thinned, GPS noise),
+                            each condition's files under robustness/<condition>/
+and prints the devkit's per-class table, mAP, NDS and TP errors (and the robustness table).
+
+The split is a devkit split name (mini_val, val, ...) or a custom one from <dataroot>/<version>/splits.json.
+Exit status: 0 on success, 2 for a bad argument or an invalid submission (the message names the sample / field).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataroot", required=True, help="nuScenes-format dataroot")
+    parser.add_argument("--version", required=True, help="table folder, e.g. v1.0-mini or v1.0-synth")
+    parser.add_argument("--split", required=True, help="split to evaluate, e.g. mini_val or synth_val")
+    parser.add_argument("--out", required=True, help="output folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="Lightning checkpoint of a FusionDetector (needs --config)")
+    source.add_argument("--results", help="an existing nuScenes submission JSON to validate and evaluate")
+    parser.add_argument("--config", help="the YAML config the checkpoint was trained with: its data: section sets the "
+                        "reader (image size, sweeps, ...); the model comes from the checkpoint's saved "
+                        "hyper-parameters when it has them, else from the config's model: section")
+    parser.add_argument("--no-curves", action="store_true", help="skip the devkit's PDF curves (8-10 s)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="also score the checkpoint with each sensor removed, LiDAR thinned and GPS noise")
+    parser.add_argument("--thin-rings", type=int, nargs="+", default=[2, 4], metavar="K",
+                        help="LiDAR thinning for --robustness: keep rings with ring %% K == 0 (default: 2 4)")
+    parser.add_argument("--gps-position-sigma", type=float, default=1.0, help="GPS noise: position sigma, meters")
+    parser.add_argument("--gps-yaw-sigma", type=float, default=0.035, help="GPS noise: yaw sigma, radians")
+    parser.add_argument("--gps-can-dropout", type=float, default=0.1, help="GPS noise: CAN dropout probability")
+    parser.add_argument("--batch-size", type=int, default=None, help="inference batch size (default: the config's "
+                        "val batch size)")
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the config's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="decoding score threshold (default: the model's)")
+    args = parser.parse_args(argv)
+    if args.checkpoint and not args.config:
+        parser.error("--checkpoint needs --config (the YAML the model was trained with)")
+    if args.results and args.robustness:
+        parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
+    if args.results and args.config:
+        parser.error("--config is only used with --checkpoint")
+    return args
+
+
+def load_model(config_path: str, checkpoint_path: str, device: str):
+    """The FusionDetector of a checkpoint: built from the model hyper-parameters Lightning's CLI saved in it (so
+    command-line overrides made at training time are honoured), else from the config's model: section; weights
+    loaded with torch.load(weights_only=True)."""
+    from jsonargparse import ArgumentParser
+
+    from fusion.checkpoints import load_checkpoint
+    from fusion.module import FusionDetector, load_detector
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {checkpoint_path} holds no state_dict")
+    if "grid" in hparams and "branches" in hparams:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(FusionDetector, "model", fail_untyped=False)
+        try:
+            model = parser.instantiate_classes(parser.parse_object({"model": hparams})).model
+        except Exception as error:
+            raise ValueError(f"checkpoint {checkpoint_path}: cannot rebuild the model from its saved "
+                             f"hyper-parameters: {error}") from error
+        source = "the checkpoint's hyper-parameters"
+    else:
+        model = load_detector(config_path)
+        source = f"{config_path} (model:)"
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {checkpoint_path} does not fit the model built from {source}: {error}") from error
+    print(f"model built from {source}")
+    return model.to(device).eval()
+
+
+def build_data(config_path: str, model, args: argparse.Namespace):
+    """The FusionDataModule of the config's data: section for this dataroot / version / split, on the model's grid
+    and modalities."""
+    import yaml
+
+    from fusion.datasets.datamodule import FusionDataModule
+
+    with open(config_path) as handle:
+        document = yaml.safe_load(handle) or {}
+    data = dict(document.get("data") or {})
+    for key in ("grid", "modalities", "dataroot", "version", "train_split", "val_split", "test_split"):
+        data.pop(key, None)
+    if args.batch_size is not None:
+        data["val_batch_size"] = args.batch_size
+    if args.num_workers is not None:
+        data["num_workers"] = args.num_workers
+    try:
+        return FusionDataModule(dataroot=args.dataroot, version=args.version, train_split=args.split,
+                                val_split=args.split, test_split=args.split, grid=model.grid,
+                                modalities=list(model.modalities), **data)
+    except TypeError as error:
+        raise ValueError(f"{config_path}: data section does not fit FusionDataModule: {error}") from error
+
+
+def condition_loader(base_dataset, batch_size: int, num_workers: int, lidar_keep_rings: int | None = None):
+    """A DataLoader over the split's dataset (no augmentation); with lidar_keep_rings, over a copy sharing its index
+    whose reader keeps only LiDAR rings with ring % lidar_keep_rings == 0."""
+    from torch.utils.data import DataLoader
+
+    from fusion.datasets.collate import collate_samples
+
+    dataset = base_dataset
+    if lidar_keep_rings is not None:
+        dataset = copy.copy(base_dataset)
+        dataset.builder = dataclasses.replace(base_dataset.builder, lidar_keep_rings=lidar_keep_rings)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_samples)
+
+
+def score_condition(model, loader, nusc, split: str, tokens, condition, out: Path, render_curves: bool,
+                    verbose: bool):
+    """Inference under one condition -> results_nusc.json -> devkit metrics under `out`. Returns (summary, path)."""
+    from fusion.evaluation import (make_submission, predict_split, run_detection_eval, submission_meta,
+                                   validate_submission, write_submission)
+
+    predictions, poses = predict_split(model, loader, condition, progress=True)
+    missing = [t for t in tokens if t not in predictions]
+    if missing:
+        print(f"warning: {len(missing)} sample(s) of the split were not predicted (empty lists), e.g. {missing[:3]}")
+    submission = make_submission(predictions, poses, tokens, submission_meta(condition.modalities(model.modalities)))
+    validate_submission(submission, tokens, source=f"submission of {condition.name}")
+    results_path = write_submission(submission, out / "results_nusc.json")
+    summary = run_detection_eval(nusc, split, results_path, out, render_curves=render_curves, verbose=verbose)
+    return summary, results_path
+
+
+def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
+    import torch
+
+    from fusion.evaluation import (GpsNoise, RobustnessRow, format_robustness_table, robustness_conditions,
+                                   summary_scalars)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.config, args.checkpoint, device)
+    if args.score_threshold is not None:
+        model.hparams["score_threshold"] = args.score_threshold
+    datamodule = build_data(args.config, model, args)
+    dataset = datamodule.make_dataset(args.split, train=False)
+
+    def loader(condition):
+        return condition_loader(dataset, datamodule.val_batch_size, datamodule.num_workers, condition.lidar_keep_rings)
+
+    noise = GpsNoise(position_sigma_m=args.gps_position_sigma, yaw_sigma_rad=args.gps_yaw_sigma,
+                     can_dropout=args.gps_can_dropout)
+    conditions = robustness_conditions(model.modalities, args.thin_rings, noise)
+    print(f"model: {args.checkpoint} ({', '.join(model.modalities)}) on {device}; split {args.split}: "
+          f"{len(tokens)} samples")
+    start = time.perf_counter()
+    summary, results_path = score_condition(model, loader(conditions[0]), nusc, args.split, tokens, conditions[0],
+                                            out, render_curves=not args.no_curves, verbose=True)
+    print(f"results: {results_path}\nmetrics: {out / 'metrics_summary.json'}"
+          + ("" if args.no_curves else f"\nplots: {out / 'plots'}") + f"\n({time.perf_counter() - start:.1f} s)")
+    if not args.robustness:
+        return summary
+    rows = []
+    for condition in conditions:
+        if condition is conditions[0]:
+            condition_summary, path = summary, results_path
+        else:
+            print(f"robustness: {condition.name} ({condition.description})")
+            condition_summary, path = score_condition(model, loader(condition), nusc, args.split, tokens, condition,
+                                                      out / "robustness" / condition.name, render_curves=False,
+                                                      verbose=False)
+        scalars = summary_scalars(condition_summary)
+        rows.append(RobustnessRow(condition.name, condition.description, condition.modalities(model.modalities),
+                                  scalars["NDS"], scalars["mAP"],
+                                  {k: v for k, v in scalars.items() if k not in ("NDS", "mAP")}, str(path)))
+    table = format_robustness_table(rows)
+    print("\nRobustness (devkit NDS / mAP per condition):\n" + table)
+    report = {"checkpoint": str(args.checkpoint), "config": str(args.config), "dataroot": str(args.dataroot),
+              "version": args.version, "split": args.split, "gps_noise": dataclasses.asdict(noise),
+              "conditions": [dataclasses.asdict(row) for row in rows]}
+    with open(out / "robustness.json", "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"robustness table: {out / 'robustness.json'}")
+    return summary
+
+
+def evaluate_results(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
+    from fusion.evaluation import load_submission, run_detection_eval, validate_submission
+
+    submission = load_submission(args.results)
+    validate_submission(submission, tokens, source=str(args.results))
+    print(f"{args.results}: valid submission for {len(tokens)} samples of {args.split}")
+    summary = run_detection_eval(nusc, args.split, args.results, out, render_curves=not args.no_curves)
+    print(f"metrics: {out / 'metrics_summary.json'}" + ("" if args.no_curves else f"\nplots: {out / 'plots'}"))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fusion.evaluation import SubmissionError, load_nuscenes, split_sample_tokens
+
+    out = Path(args.out)
+    try:
+        for name in ("checkpoint", "config", "results"):
+            path = getattr(args, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"--{name} {path}: file not found")
+        nusc = load_nuscenes(args.dataroot, args.version)
+        tokens = split_sample_tokens(nusc, args.split)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = evaluate_checkpoint(args, nusc, tokens, out) if args.checkpoint else \
+            evaluate_results(args, nusc, tokens, out)
+    except (SubmissionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"NDS {summary['nd_score']:.4f}  mAP {summary['mean_ap']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

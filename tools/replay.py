@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+r"""Replay a recorded drive through a trained FusionDetector as if it were live (no ROS).
+
+    python tools/replay.py --dataroot data/synthetic --version v1.0-synth --scene scene-2009 \
+        --checkpoint runs/tiny_cpu/checkpoints/last.ckpt --config configs/tiny_cpu.yaml --out outputs/replay
+    python tools/replay.py --dataroot DIR --version V --split synth_val --checkpoint CKPT --out DIR --rate 1.0
+
+Every sample_data of the scene (LiDAR, radar and camera sweeps, not only keyframes) and its CAN bus messages are
+replayed in timestamp order. Without --scene, the first scene of --split is replayed. Without --config, the
+config.yaml that tools/train.py saved next to the checkpoint's run is used.
+
+Sync policy (on each LiDAR sweep, or every k-th):
+  - the frame is the ego frame at the sweep's timestamp T; it is assembled once the stream has passed
+    T + --sync-wait-ms (default 50; 0 = strictly causal), so messages taken just after the sweep can be paired;
+  - LiDAR: the sweep plus the model's number of previous sweeps (--lidar-sweeps), none older than --max-age-ms;
+  - each camera: the message nearest to T within --camera-tolerance-ms (default 60);
+  - each radar: the message nearest to T within --radar-tolerance-ms (default 100) plus its previous sweeps
+    (--radar-sweeps in all);
+  - CAN (speed, yaw rate, acceleration) interpolated at T; the map cropped at the sweep's pose;
+  - every message keeps its own ego pose: ego motion is compensated into the frame at T. A sensor with nothing
+    in tolerance is marked missing for that frame and the model runs on the sensors that are present.
+Playback (--rate): "max" (as fast as possible; deterministic), 1.0 (real time), 2.0, 0.5, ... In real-time modes
+a frame is late when its processing starts after the next sweep's frame was ready, and dropped when it would
+start more than --max-lag-ms after its own. Missing, corrupt, late and out-of-order messages are counted in the
+summary and skipped; they never stop the replay.
+
+Writes under --out:
+    detections.jsonl   one line per processed frame: timestamp, LiDAR sample_data token, latency, sensors
+                       used / missing, boxes in the GLOBAL frame (class, score, velocity, attribute)
+    summary.json       frames processed / dropped / late, latency p50 / p95 / p99 ms, per-sensor message counts
+                       (received, used, skipped, corrupt, missing_file, out_of_order, late), wall time
+    frames/*.png       the BEV picture of every --png-every-th frame (0: none)
+    replay.mp4         the drive (replay.gif with --video gif, or when ffmpeg fails)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rate(text: str) -> float:
+    if text.strip().lower() in ("max", "0", "0.0"):
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate must be 'max' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--rate must be 'max' or a positive number, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataroot", required=True, help="nuScenes-format dataroot")
+    parser.add_argument("--version", required=True, help="table folder, e.g. v1.0-mini or v1.0-synth")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--scene", help="scene name, e.g. scene-0061")
+    where.add_argument("--split", help="replay the first scene of this split (devkit or splits.json name)")
+    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint of a FusionDetector")
+    parser.add_argument("--config", help="YAML the model was trained with (default: the config.yaml of its run)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--rate", type=_rate, default=0.0, help="'max' (default) or a multiple of real time")
+    parser.add_argument("--every-k-sweeps", type=int, default=1, metavar="K", help="a frame on every K-th sweep")
+    parser.add_argument("--keyframes-only", action="store_true",
+                        help="trigger frames on nuScenes keyframe sweeps only (every K-th of them)")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N processed frames")
+    parser.add_argument("--video", choices=("mp4", "gif", "none"), default="mp4", help="video of the drive")
+    parser.add_argument("--png-every", type=int, default=1, metavar="K",
+                        help="save the BEV picture of every K-th processed frame (0: none; default 1)")
+    parser.add_argument("--no-contributions", action="store_true",
+                        help="do not draw the fuser's contribution map beside the BEV picture")
+    parser.add_argument("--camera-tolerance-ms", type=float, default=60.0, help="max |t_camera - T| (default 60)")
+    parser.add_argument("--radar-tolerance-ms", type=float, default=100.0, help="max |t_radar - T| (default 100)")
+    parser.add_argument("--sync-wait-ms", type=float, default=50.0,
+                        help="assemble a frame once the stream passed T + this (default 50; 0: causal)")
+    parser.add_argument("--max-age-ms", type=float, default=600.0, help="oldest previous LiDAR / radar sweep used")
+    parser.add_argument("--max-lag-ms", type=float, default=250.0, help="real-time modes: drop frames this far behind")
+    parser.add_argument("--lidar-sweeps", type=int, default=None, help="previous LiDAR sweeps (default: the config's)")
+    parser.add_argument("--radar-sweeps", type=int, default=None, help="sweeps per radar (default: the config's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--score-threshold", type=float, default=None, help="decoding threshold (default: model's)")
+    args = parser.parse_args(argv)
+    for name in ("every_k_sweeps",):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error("--max-frames must be >= 1")
+    if args.png_every < 0:
+        parser.error("--png-every must be >= 0")
+    return args
+
+
+def find_config(checkpoint: Path) -> Path:
+    """The config.yaml tools/train.py saved for the run of `checkpoint` (runs/NAME/checkpoints/X.ckpt ->
+    runs/NAME/tensorboard/version_N/config.yaml, newest first), or a config.yaml beside it."""
+    run = checkpoint.resolve().parent.parent
+    candidates = [checkpoint.resolve().parent / "config.yaml", run / "config.yaml"]
+    candidates += sorted(run.glob("*/version_*/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no --config given and no config.yaml found for checkpoint {checkpoint} "
+                            f"(looked at {', '.join(str(c) for c in candidates[:2])} and {run}/*/version_*/)")
+
+
+class _Thresholded:
+    """The detector with a fixed decoding threshold (predict_boxes(batch, score_threshold))."""
+
+    def __init__(self, model, threshold: float):
+        self.model, self.threshold = model, threshold
+
+    def predict_boxes(self, batch):
+        return self.model.predict_boxes(batch, score_threshold=self.threshold)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def build_data(config_path: Path, model, dataroot: str, version: str):
+    """The FusionDataModule of the config's data: section on the model's grid and modalities."""
+    import yaml
+
+    from fusion.datasets.datamodule import FusionDataModule
+
+    with open(config_path) as handle:
+        document = yaml.safe_load(handle) or {}
+    data = dict(document.get("data") or {})
+    for key in ("grid", "modalities", "dataroot", "version"):
+        data.pop(key, None)
+    try:
+        return FusionDataModule(dataroot=dataroot, version=version, grid=model.grid, modalities=list(model.modalities),
+                                **data)
+    except TypeError as error:
+        raise ValueError(f"{config_path}: data section does not fit FusionDataModule: {error}") from error
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from nuscenes.nuscenes import NuScenes
+
+    from fusion.module import load_detector
+    from fusion.replay import SyncPolicy, engine_for_scene, first_scene_of_split, run_replay
+
+    try:
+        dataroot, checkpoint = Path(args.dataroot), Path(args.checkpoint)
+        if not (dataroot / args.version).is_dir():
+            raise FileNotFoundError(f"--dataroot {dataroot} has no table folder {args.version!r}")
+        config = Path(args.config) if args.config else find_config(checkpoint)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        started = time.perf_counter()
+        model = load_detector(config, checkpoint, map_location=device).to(device).eval()
+        if model.temporal is not None:
+            model.temporal.reset()
+        data = build_data(config, model, str(dataroot), args.version)
+        nusc = NuScenes(version=args.version, dataroot=str(dataroot), verbose=False)
+        scene = args.scene or first_scene_of_split(nusc, args.split)
+        policy = SyncPolicy(
+            every_k_sweeps=args.every_k_sweeps, keyframes_only=args.keyframes_only,
+            lidar_sweeps=args.lidar_sweeps if args.lidar_sweeps is not None else
+            (data.lidar_sweeps if "lidar" in data.modalities else 0),
+            radar_sweeps=args.radar_sweeps if args.radar_sweeps is not None else
+            (data.radar_sweeps if "radar" in data.modalities else 1),
+            camera_tolerance_s=args.camera_tolerance_ms / 1e3, radar_tolerance_s=args.radar_tolerance_ms / 1e3,
+            wait_s=args.sync_wait_ms / 1e3, max_sweep_age_s=args.max_age_ms / 1e3)
+        detector = model if args.score_threshold is None else _Thresholded(model, args.score_threshold)
+        engine = engine_for_scene(nusc, scene, detector, data, policy, rate=args.rate,
+                                  max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"replaying {scene} of {dataroot}/{args.version} at rate {args.rate or 'max'} on {device} "
+          f"(setup {time.perf_counter() - started:.1f} s)")
+    summary, outputs = run_replay(
+        engine, args.out, model.grid, max_frames=args.max_frames, video=args.video, png_every=args.png_every,
+        contributions=not args.no_contributions,
+        extra_summary={"checkpoint": str(checkpoint), "config": str(config), "dataroot": str(dataroot),
+                       "version": args.version, "device": device})
+    frames, latency = summary["frames"], summary["latency_ms"]
+    print(f"frames: {frames['processed']} processed, {frames['dropped']} dropped, {frames['late']} late "
+          f"({frames['failed']} failed) in {summary['wall_time_s']:.1f} s for {summary['stream_seconds']:.1f} s "
+          f"of drive")
+    if latency["count"]:
+        print(f"latency ms: p50 {latency['p50']:.1f}  p95 {latency['p95']:.1f}  p99 {latency['p99']:.1f}")
+    problems = {channel: {k: v for k, v in counts.items() if k in ("corrupt", "missing_file", "out_of_order", "late")
+                          and v} for channel, counts in summary["messages"].items()}
+    problems = {channel: counts for channel, counts in problems.items() if counts}
+    if problems:
+        print(f"messages skipped as bad: {problems}")
+    print(f"detections: {outputs.detections}")
+    print(f"summary:    {outputs.summary}")
+    if outputs.frames_dir is not None:
+        print(f"pictures:   {outputs.frames_dir}/")
+    if outputs.video is not None:
+        print(f"video:      {outputs.video} ({summary['video']['frames']} frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
