@@ -29,8 +29,8 @@ class _BEVPool(torch.autograd.Function):
     def backward(ctx, grad_out):
         (keys,) = ctx.saved_tensors
         channels = grad_out.shape[1]
-        # [B, C, Z, H, W] -> cell-major [B*Z*H*W, C], then one row per point.
-        grad_cells = grad_out.permute(0, 2, 3, 4, 1).reshape(-1, channels)
+        # [B, C, Z, H, W] -> cell-major [B*Z*H*W, C] (contiguous rows: a gather of whole rows), then one row per point.
+        grad_cells = grad_out.permute(0, 2, 3, 4, 1).contiguous().view(-1, channels)
         return grad_cells.index_select(0, keys), None, None, None, None, None
 
 

@@ -159,23 +159,63 @@ class FusionDataModule(pl.LightningDataModule):
                                          else "center"))
         return Compose(steps)
 
-    def make_dataset(self, split: str, train: bool) -> NuScenesDataset:
+    def reader_options(self, train: bool = False) -> dict:
+        """The SampleBuilder settings of this data (also accepted by NuScenesDataset): only the sensors of the model's
+        modalities are read, JPEGs are decoded no larger than the model's input needs. Replay builds its
+        SampleBuilder from these, so live and offline samples are made the same way."""
         use_cameras = "camera" in self.modalities
         height, width = self.image_size
         resize = ImageResizeCrop((width, height), self.image_resize_range if train and self.augment else None)
-        return NuScenesDataset(
-            self.dataroot, self.version, split, grid=self.grid,
+        return dict(
+            grid=self.grid,
             lidar_sweeps=self.lidar_sweeps if "lidar" in self.modalities else 0,
             radar_sweeps=self.radar_sweeps if "radar" in self.modalities else 1,
             radar_filters=self.radar_filters,
             cameras=self.cameras if use_cameras else (),
-            load_map="gps" in self.modalities,
+            radars=RADAR_NAMES if "radar" in self.modalities else (),
+            camera_decode_size=resize.decode_size(NUSCENES_IMAGE_SIZE) if use_cameras else None,
             on_missing=self.on_missing,
+        )
+
+    def make_dataset(self, split: str, train: bool, **reader_overrides) -> NuScenesDataset:
+        """The dataset of a split with this data's reader settings and transforms; `reader_overrides` replace reader
+        options (e.g. lidar_keep_rings=2 for LiDAR thinned to every other beam)."""
+        return NuScenesDataset(
+            self.dataroot, self.version, split,
+            load_map="gps" in self.modalities,
             transforms=self.transforms(train),
             cache_dir=self.cache_dir,
-            camera_decode_size=resize.decode_size(NUSCENES_IMAGE_SIZE) if use_cameras else None,
             drop_empty_boxes=self.drop_empty_boxes,
+            **{**self.reader_options(train), **reader_overrides},
         )
+
+    @classmethod
+    def for_model(cls, model, dataroot: str, version: str, split: str | None = None, checkpoint: str | None = None,
+                  config: str | None = None, **overrides) -> "FusionDataModule":
+        """The data settings a model was trained with, for (another) dataroot / version / split, on the model's grid
+        and modalities: from the checkpoint's saved data-module hyper-parameters when it has them, else from the
+        YAML config's `data:` section. `overrides` (e.g. num_workers, val_batch_size) win."""
+        import yaml
+
+        settings: dict = {}
+        if checkpoint is not None:
+            from fusion.checkpoints import load_checkpoint
+            settings = dict(load_checkpoint(checkpoint).get("datamodule_hyper_parameters") or {})
+        if not settings and config is not None:
+            with open(config) as handle:
+                settings = dict((yaml.safe_load(handle) or {}).get("data") or {})
+        if not settings:
+            raise ValueError(f"no data settings: {checkpoint or '(no checkpoint)'} has no datamodule hyper-parameters "
+                             "and no config with a data: section was given")
+        settings = {k: v for k, v in settings.items() if not k.startswith("_") and k not in (
+            "grid", "modalities", "dataroot", "version", "train_split", "val_split", "test_split")}
+        if split is not None:
+            settings.update(train_split=split, val_split=split, test_split=split)
+        try:
+            return cls(dataroot=str(dataroot), version=version, grid=model.grid, modalities=list(model.modalities),
+                       **{**settings, **overrides})
+        except TypeError as error:
+            raise ValueError(f"the saved data settings do not fit FusionDataModule: {error}") from error
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": [("train", self.train_split, True), ("val", self.val_split, False)],

@@ -245,6 +245,8 @@ class SampleBuilder:
         transforms shrink images anyway); the intrinsics follow. None decodes at full size.
     on_missing: "error" raises for a missing or unreadable sensor file (naming it); "mark_missing" leaves that
         sensor out of the sample and records why in Sample.missing / Sample.dropped_points.
+    on_read_error: optional callable(message, error) told about every message whose file could not be read under
+        "mark_missing" (replay uses it to count and retire the bad message).
     """
 
     grid: BEVGrid = field(default_factory=BEVGrid)
@@ -258,6 +260,7 @@ class SampleBuilder:
     lidar_keep_rings: int | None = None
     camera_decode_size: tuple[int, int] | None = None
     on_missing: str = "error"
+    on_read_error: Callable[[SensorMessage, Exception], None] | None = None
 
     def __post_init__(self):
         if self.on_missing not in ON_MISSING:
@@ -355,6 +358,8 @@ class SampleBuilder:
         except (FileNotFoundError, ValueError) as error:
             if self.on_missing == "error":
                 raise
+            if self.on_read_error is not None:
+                self.on_read_error(message, error)
             if missing is not None:
                 missing[key] = str(error)
             return None
@@ -649,7 +654,7 @@ class NuScenesIndex:
                 map_path = nusc.get("map", log["map_token"])["filename"]
             if map_path and map_path not in map_paths:
                 map_paths.append(map_path)
-            can_messages = _scene_can_messages(can_bus, scene_name, can_cache)
+            can_messages = scene_can_messages(can_bus, scene_name, can_cache)
             token = scene["first_sample_token"]
             while token:
                 sample = nusc.get("sample", token)
@@ -822,8 +827,10 @@ def _ground_truth(nusc, sample: dict, ego_to_global: np.ndarray, attribute_names
     return columns
 
 
-def _scene_can_messages(can_bus, scene_name: str, cache: dict) -> dict | str:
-    """Message type -> messages of one scene, or a string saying why the scene has no CAN data."""
+def scene_can_messages(can_bus, scene_name: str, cache: dict | None = None) -> dict | str:
+    """Message type (pose, ms_imu, vehicle_monitor) -> messages of one scene from a NuScenesCanBus, or a string
+    saying why the scene has no CAN data. `cache` (scene name -> result) avoids reading a scene twice."""
+    cache = {} if cache is None else cache
     if scene_name in cache:
         return cache[scene_name]
     if isinstance(can_bus, str):
@@ -870,7 +877,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
     dataroot / version: a nuScenes dataroot and its table folder (e.g. "v1.0-mini").
     split: a devkit split name (nuscenes.utils.splits: "mini_val", "train", ...) or a custom one from
         <dataroot>/<version>/splits.json (e.g. "synth_train").
-    grid: the BEVGrid of the map crop. lidar_sweeps / radar_sweeps / radar_filters / cameras / on_missing /
+    grid: the BEVGrid of the map crop. lidar_sweeps / radar_sweeps / radar_filters / cameras / radars / on_missing /
         lidar_min_distance / lidar_keep_rings / camera_decode_size: see SampleBuilder.
     load_map: crop the scene's map raster (the dataroot's map PNGs) onto the grid.
     transforms: a callable Sample -> Sample applied to every item (fusion.datasets.transforms).
@@ -882,7 +889,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataroot: str, version: str, split: str, grid: BEVGrid | None = None, lidar_sweeps: int = 9,
                  radar_sweeps: int = 6, radar_filters: RadarFilters | str | dict | None = "default",
-                 cameras: Sequence[str] = CAMERA_NAMES, load_map: bool = True, on_missing: str = "error",
+                 cameras: Sequence[str] = CAMERA_NAMES, radars: Sequence[str] = RADAR_NAMES,
+                 load_map: bool = True, on_missing: str = "error",
                  transforms: Callable[[Sample], Sample] | None = None, cache_dir: str | None = None,
                  lidar_min_distance: float = 1.0, radar_min_distance: float = 1.0,
                  lidar_keep_rings: int | None = None, camera_decode_size: tuple[int, int] | None = None,
@@ -898,7 +906,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
         self.dataroot, self.version, self.split = dataroot, version, split
         self.grid = grid if grid is not None else BEVGrid()
         self.builder = SampleBuilder(grid=self.grid, lidar_sweeps=lidar_sweeps, radar_sweeps=radar_sweeps,
-                                     radar_filters=radar_filters, cameras=tuple(cameras),
+                                     radar_filters=radar_filters, cameras=tuple(cameras), radars=tuple(radars),
                                      lidar_min_distance=lidar_min_distance, radar_min_distance=radar_min_distance,
                                      lidar_keep_rings=lidar_keep_rings, camera_decode_size=camera_decode_size,
                                      on_missing=on_missing)

@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from fusion.geometry import matrix_to_quaternion
-from fusion.types import ATTRIBUTES, DETECTION_CLASSES, MODALITIES, NO_ATTRIBUTE, Batch, Boxes
+from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, MODALITIES, NO_ATTRIBUTE, Batch, Boxes
 
 if TYPE_CHECKING:  # the devkit is imported lazily: it is slow to import and only needed here
     from nuscenes import NuScenes
@@ -46,19 +46,6 @@ QUATERNION_NORM_TOLERANCE = 1e-3
 META_KEYS = ("use_camera", "use_lidar", "use_radar", "use_map", "use_external")
 BOX_FIELDS = ("sample_token", "translation", "size", "rotation", "velocity", "detection_name", "detection_score",
               "attribute_name")
-#: The devkit's relevant attributes per class (nuscenes.eval.detection.utils.detection_name_to_rel_attributes).
-CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "car": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "truck": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "bus": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "trailer": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "construction_vehicle": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "pedestrian": ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing"),
-    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
-    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
-    "barrier": (),
-    "traffic_cone": (),
-}
 TP_ERROR_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE",
                   "attr_err": "mAAE"}
 

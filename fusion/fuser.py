@@ -121,6 +121,8 @@ class DeformableFuser(nn.Module):
         centers = grid.cell_centers()
         self.register_buffer("reference", grid.to_normalized(centers), persistent=False)
         self.register_buffer("position_input", grid.to_normalized(centers).permute(2, 0, 1)[None], persistent=False)
+        self.register_buffer("cell_to_normalized", torch.tensor([2.0 / grid.width, 2.0 / grid.height]),
+                             persistent=False)
 
     def _reset_attention(self, radius: float) -> None:
         """Deformable-DETR style start: point 0 at the cell itself, the others on rings around it, one direction per
@@ -194,8 +196,7 @@ class DeformableFuser(nn.Module):
         weights = weights.view(batch, height, width, heads, num_m, points)
 
         offsets = self.offsets(q).float().view(batch, height, width, heads, num_m, points, 2)
-        cell_to_normalized = torch.tensor([2.0 / width, 2.0 / height], device=device)
-        locations = self.reference[None, :, :, None, None, None, :].float() + offsets * cell_to_normalized
+        locations = self.reference[None, :, :, None, None, None, :].float() + offsets * self.cell_to_normalized
 
         # One grid_sample over every (sample, head, modality): values [B*heads*M', Dh, H, W] sampled at
         # [B*heads*M', H*W, K] locations, then weighted and summed over modalities and points.

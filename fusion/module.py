@@ -410,26 +410,23 @@ def load_detector(config: str | Path | list[str | Path] | None, checkpoint: str 
                   map_location: str = "cpu") -> FusionDetector:
     """Build a FusionDetector and, if given, load a Lightning checkpoint's weights with torch.load(weights_only=True).
 
-    config: a YAML file, or several merged in order like repeated `--config` (e.g. tiny_cpu.yaml then an ablation
-        overlay), whose `model:` sections describe the model; the config.yaml a training run saved works too.
-        None builds the model from the checkpoint's hyper_parameters (saved by the CLI as plain values)."""
+    The model is built from the checkpoint's saved model hyper-parameters when it has them (Lightning's CLI saves
+    them as plain values, command-line overrides included: they describe what was trained); otherwise from
+    `config`: a YAML file, or several merged in order like repeated `--config` (e.g. tiny_cpu.yaml then an ablation
+    overlay), whose `model:` sections describe the model."""
+    import warnings
+
     import yaml
     from jsonargparse import ArgumentParser
 
-    checkpoint_state = None
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        checkpoint_state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-        if not isinstance(checkpoint_state, dict):
-            raise ValueError(f"{checkpoint} is not a Lightning checkpoint or a state_dict")
-    if config is None:
-        if checkpoint_state is None or "branches" not in checkpoint_state.get("hyper_parameters", {}):
-            raise ValueError(f"load_detector: no config given and {checkpoint} has no model hyper_parameters; "
-                             "pass the YAML config the model was trained with")
-        section = {k: v for k, v in checkpoint_state["hyper_parameters"].items() if not k.startswith("_")}
-    else:
+    from fusion.checkpoints import load_checkpoint
+
+    checkpoint_state = load_checkpoint(checkpoint, map_location) if checkpoint is not None else None
+    saved = (checkpoint_state or {}).get("hyper_parameters") or {}
+    if "branches" in saved and "grid" in saved:
+        section = {k: v for k, v in saved.items() if not k.startswith("_")}
+        source = f"the hyper-parameters saved in {checkpoint}"
+    elif config is not None:
         section = {}
         for path in [config] if isinstance(config, (str, Path)) else list(config):
             path = Path(path)
@@ -440,14 +437,23 @@ def load_detector(config: str | Path | list[str | Path] | None, checkpoint: str 
             if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
                 raise ValueError(f"{path} has no 'model:' section")
             section = _merge(section, document["model"])
+        source = str(config)
+    else:
+        raise ValueError(f"load_detector: {checkpoint} has no saved model hyper-parameters and no config was given; "
+                         "pass the YAML config the model was trained with")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(FusionDetector, "model", fail_untyped=False)
-    parsed = parser.parse_object({"model": section})
-    model = parser.instantiate(parsed).model
+    try:
+        parsed = parser.parse_object({"model": section})
+        with warnings.catch_warnings():  # Lightning notes that the loss module is an hparam; it is, by design
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            model = parser.instantiate(parsed).model
+    except Exception as error:
+        raise ValueError(f"cannot build the model from {source}: {error}") from error
     if checkpoint_state is not None:
         state_dict = checkpoint_state.get("state_dict", checkpoint_state)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise ValueError(f"{checkpoint} does not fit the model of the given config: {error}") from error
+            raise ValueError(f"{checkpoint} does not fit the model built from {source}: {error}") from error
     return model

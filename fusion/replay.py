@@ -55,7 +55,7 @@ import math
 import os
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -65,7 +65,7 @@ from PIL import GifImagePlugin, Image
 
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.nuscenes import (CAN_MAX_GAP_S, CHANNELS, CanState, MapLayer, SampleBuilder, SensorMessage,
-                                      _scene_can_messages, can_state_at, load_map_layer)
+                                      can_state_at, load_map_layer, scene_can_messages)
 from fusion.evaluation import boxes_to_submission
 from fusion.geometry import invert_transform, make_transform
 from fusion.grid import BEVGrid
@@ -147,7 +147,7 @@ class SceneSource:
         if can_bus is None:
             self.can_messages: dict | str = "no CAN bus given"
         else:
-            self.can_messages = _scene_can_messages(can_bus, scene_name, {})
+            self.can_messages = scene_can_messages(can_bus, scene_name)
         self._calibration: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def _first_token(self, channel: str) -> str | None:
@@ -376,24 +376,6 @@ class Detector(Protocol):
     def predict_boxes(self, batch) -> list[Boxes]: ...
 
 
-class _RecordingBuilder(SampleBuilder):
-    """The SampleBuilder, also recording WHICH message failed to read (the base class marks the sensor missing or
-    counts a lost sweep, without naming the message), so that the engine counts and retires it."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.read_errors: list[tuple[SensorMessage, Exception]] = []
-
-    def _read_or_mark(self, reader, message, missing, key):
-        def recording_reader(path):
-            try:
-                return reader(path)
-            except (FileNotFoundError, ValueError) as error:
-                self.read_errors.append((message, error))
-                raise
-        return super()._read_or_mark(recording_reader, message, missing, key)
-
-
 @dataclass
 class _Entry:
     """A buffered message and what became of it."""
@@ -471,10 +453,10 @@ class ReplayEngine:
             raise ValueError(f"max_lag_s must be positive, got {max_lag_s}")
         self.source, self.detector, self.transforms = source, detector, transforms
         self.policy = policy or SyncPolicy()
-        self.builder = _RecordingBuilder(**{f.name: getattr(builder, f.name) for f in fields(SampleBuilder)})
-        self.builder.on_missing = "mark_missing"
-        self.builder.lidar_sweeps = self.policy.lidar_sweeps
-        self.builder.radar_sweeps = self.policy.radar_sweeps
+        self.read_errors: list[tuple[SensorMessage, Exception]] = []
+        self.builder = replace(builder, on_missing="mark_missing", lidar_sweeps=self.policy.lidar_sweeps,
+                               radar_sweeps=self.policy.radar_sweeps,
+                               on_read_error=lambda message, error: self.read_errors.append((message, error)))
         self.clock = clock or PlaybackClock(rate)
         self.max_lag_s = max_lag_s
         self.scene_name = scene_name or getattr(source, "scene_name", "")
@@ -699,7 +681,7 @@ class ReplayEngine:
         def sensor(entries):
             return [e.message.sensor for e in entries]
 
-        self.builder.read_errors.clear()
+        self.read_errors.clear()
         sample = self.builder.build(
             token=keyframe.message.token, scene_name=self.scene_name, keyframe_lidar=keyframe.message.sensor,
             lidar_sweeps=sensor(selected[LIDAR_NAME][1:]),
@@ -709,7 +691,7 @@ class ReplayEngine:
         sample.missing.update(reasons)
         if self.map_layer is None:
             sample.missing["MAP"] = self.map_reason
-        failed = {id(message): error for message, error in self.builder.read_errors}
+        failed = {id(message): error for message, error in self.read_errors}
         messages: dict[str, list[str]] = {}
         for channel, entries in selected.items():
             tokens = []
@@ -1019,26 +1001,6 @@ def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, 
 # Wiring the model's data settings
 # ----------------------------------------------------------------------------------------------------------------
 
-def builder_from_data(data) -> SampleBuilder:
-    """The SampleBuilder a FusionDataModule's inference dataset uses (same grid, sensors, sweeps, filters, JPEG
-    decode size), with on_missing="mark_missing"."""
-    from fusion.datasets.datamodule import NUSCENES_IMAGE_SIZE
-    from fusion.datasets.transforms import ImageResizeCrop
-
-    use_cameras = "camera" in data.modalities
-    height, width = data.image_size
-    return SampleBuilder(
-        grid=data.grid,
-        lidar_sweeps=data.lidar_sweeps if "lidar" in data.modalities else 0,
-        radar_sweeps=data.radar_sweeps if "radar" in data.modalities else 1,
-        radar_filters=data.radar_filters,
-        cameras=tuple(data.cameras) if use_cameras else (),
-        radars=RADAR_NAMES if "radar" in data.modalities else (),
-        camera_decode_size=ImageResizeCrop((width, height)).decode_size(NUSCENES_IMAGE_SIZE) if use_cameras else None,
-        on_missing="mark_missing",
-    )
-
-
 def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy | None = None, rate: float = 0.0,
                      can_bus=None, **engine_options) -> ReplayEngine:
     """A ReplayEngine over one scene, with the model's data settings (a FusionDataModule): its builder, its
@@ -1048,7 +1010,7 @@ def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy |
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
         raise ValueError(f"unknown modalities {sorted(unknown)}")
-    builder = builder_from_data(data)
+    builder = SampleBuilder(**{**data.reader_options(train=False), "on_missing": "mark_missing"})
     if policy is None:
         policy = SyncPolicy(lidar_sweeps=builder.lidar_sweeps, radar_sweeps=builder.radar_sweeps)
     use_gps = "gps" in modalities

@@ -19,6 +19,19 @@ ATTRIBUTES: tuple[str, ...] = (
     "cycle.with_rider", "cycle.without_rider",
     "pedestrian.moving", "pedestrian.standing", "pedestrian.sitting_lying_down",
 )
+#: The attributes each detection class may carry (the devkit's detection_name_to_rel_attributes); () for none.
+CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "car": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "truck": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "construction_vehicle": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "bus": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "trailer": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
+    "barrier": (),
+    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
+    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
+    "pedestrian": ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing"),
+    "traffic_cone": (),
+}
 CAMERA_NAMES: tuple[str, ...] = (
     "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT",
 )

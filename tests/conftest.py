@@ -21,3 +21,15 @@ def tiny_dataroot(tmp_path_factory) -> DatarootInfo:
     """A tiny synthetic nuScenes dataroot, generated once per session (about 10-20 s on 2 cores)."""
     out = tmp_path_factory.mktemp("tiny_synthetic_dataroot")
     return generate_dataroot(out, TINY_CONFIG)
+
+
+@pytest.fixture
+def single_torch_thread():
+    """One torch thread for the test, the previous count restored after. The tiny models of the model tests are as
+    fast on one thread, and far faster when the machine's cores are busy (threads waiting on each other)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -203,6 +203,16 @@ def test_hard_voxelize_bad_input(points, voxel, point_range, max_points, max_vox
             dynamic_voxelize(points, voxel, point_range)
 
 
+def test_unsupported_device_is_a_value_error():
+    points = torch.zeros(4, 4, device="meta")
+    with pytest.raises(ValueError, match="device meta"):
+        hard_voxelize(points, LIDAR_VOXEL, POINT_RANGE, 5, 10)
+    with pytest.raises(ValueError, match="device meta"):
+        bev_pool(torch.zeros(2, 3, device="meta"), torch.zeros(2, 4, dtype=torch.long, device="meta"), 1, (1, 2, 2))
+    with pytest.raises(ValueError, match="coords on cpu"):
+        bev_pool(torch.zeros(2, 3, device="meta"), torch.zeros(2, 4, dtype=torch.long), 1, (1, 2, 2))
+
+
 def test_missing_extension_gives_build_instructions(monkeypatch):
     monkeypatch.setattr(extension, "_compiled", None)
     monkeypatch.setattr(extension, "_load_error", ImportError("No module named 'fusion.cuda_ops._C'"))
@@ -346,3 +356,12 @@ def test_scatter_reduce_auto_backend_and_float32():
 def test_scatter_reduce_bad_input(src, index, segments, reduce, backend, message):
     with pytest.raises(ValueError, match=message):
         scatter_reduce(src, index, segments, reduce, backend=backend)
+
+
+def test_scatter_reduce_max_gradient_goes_to_first_maximum():
+    src = torch.tensor([[1.0, 5.0], [3.0, 5.0], [3.0, 2.0], [7.0, -1.0]], requires_grad=True)
+    index = torch.tensor([0, 0, 0, 2])
+    out = scatter_reduce(src, index, 3, "max", backend="torch")
+    assert out.tolist() == [[3.0, 5.0], [0.0, 0.0], [7.0, -1.0]]
+    out.backward(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    assert src.grad.tolist() == [[0.0, 2.0], [1.0, 0.0], [0.0, 0.0], [5.0, 6.0]]

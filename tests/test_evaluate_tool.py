@@ -18,6 +18,7 @@ import yaml
 from fusion.checkpoints import atomic_torch_save
 from fusion.evaluation import (ground_truth_submission, keyframe_ego_poses, load_nuscenes, split_sample_tokens,
                                validate_submission, write_submission)
+from fusion.datasets.datamodule import FusionDataModule
 from fusion.module import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_checkpoint_inference_submission_and_devkit_metrics(tiny_dataroot, model
                                                                         "--checkpoint", str(checkpoint),
                                                                         "--no-curves"])
     assert code == 0, stderr
-    assert "model built from the checkpoint's hyper-parameters" in stdout
+    assert "cells of 3.2 m" in stdout  # the checkpoint's grid, not the other config's 1.6 m
     assert "Per-class results:" in stdout and "NDS:" in stdout and "mAP:" in stdout and "mATE:" in stdout
     summary = json.loads((out / "metrics_summary.json").read_text())
     assert 0.0 <= summary["nd_score"] <= 1.0 and math.isfinite(summary["mean_ap"])
@@ -148,8 +149,8 @@ def test_broken_results_file_is_rejected_with_exit_2(tiny_dataroot, nusc, tmp_pa
 def test_bad_arguments_are_named(tiny_dataroot, model_files, tmp_path):
     config, checkpoint = model_files
     with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as err:
-        load_tool().main(common_args(tiny_dataroot, tmp_path) + ["--checkpoint", str(checkpoint)])
-    assert exit_info.value.code == 2 and "--checkpoint needs --config" in err.getvalue()
+        load_tool().main(common_args(tiny_dataroot, tmp_path) + ["--results", "x.json", "--robustness"])
+    assert exit_info.value.code == 2 and "--robustness needs --checkpoint" in err.getvalue()
     code, _, stderr = run_tool(common_args(tiny_dataroot, tmp_path) + ["--results", str(tmp_path / "none.json")])
     assert code == 2 and "none.json" in stderr
     code, _, stderr = run_tool(["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version,
@@ -158,22 +159,21 @@ def test_bad_arguments_are_named(tiny_dataroot, model_files, tmp_path):
 
 
 def test_lidar_thinning_loader_drops_rings(tiny_dataroot, model_files):
-    config, _ = model_files
+    config, checkpoint = model_files
     tool = load_tool()
     model = load_detector(config)
-    args = tool.parse_args(common_args(tiny_dataroot, Path("unused")) + ["--config", str(config), "--checkpoint",
-                                                                          str(config)])
-    datamodule = tool.build_data(str(config), model, args)
-    dataset = datamodule.make_dataset(tiny_dataroot.val_split, train=False)
-    full = next(iter(tool.condition_loader(dataset, 2, 0)))
-    thinned = next(iter(tool.condition_loader(dataset, 2, 0, lidar_keep_rings=4)))
-    assert dataset.builder.lidar_keep_rings is None  # the base dataset is left as it was
+    datamodule = FusionDataModule.for_model(model, tiny_dataroot.dataroot, tiny_dataroot.version,
+                                            tiny_dataroot.val_split, checkpoint, config, val_batch_size=2,
+                                            num_workers=0)
+    full = next(iter(tool.condition_loader(datamodule, tiny_dataroot.val_split)))
+    thinned_loader = tool.condition_loader(datamodule, tiny_dataroot.val_split, lidar_keep_rings=4)
+    thinned = next(iter(thinned_loader))
+    assert thinned_loader.dataset.builder.lidar_keep_rings == 4
     assert full.tokens == thinned.tokens
     ratio = thinned.lidar_points.shape[0] / full.lidar_points.shape[0]
     assert 0.1 < ratio < 0.4, ratio  # one ring in four kept (returns per ring vary with elevation)
 
 
-@pytest.mark.slow
 def test_robustness_table(tiny_dataroot, model_files, nusc, tmp_path):
     config, checkpoint = model_files
     out = tmp_path / "eval"

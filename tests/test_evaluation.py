@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.evaluation import (CLASS_ATTRIBUTES, MAX_BOXES_PER_SAMPLE, NuScenesDetectionMetrics, RobustnessRow,
+from fusion.evaluation import (MAX_BOXES_PER_SAMPLE, NuScenesDetectionMetrics, RobustnessRow,
                                SubmissionError, apply_condition, boxes_to_submission, default_attribute,
                                detection_config, evaluate_in_memory, format_robustness_table, ground_truth_submission,
                                keyframe_ego_poses, load_nuscenes, load_submission, make_submission,
                                robustness_conditions, run_detection_eval, split_sample_tokens, submission_meta,
                                submission_to_boxes, summary_scalars, validate_submission, write_submission)
 from fusion.geometry import make_transform, matrix_to_quaternion, rotation_z, wrap_angle
-from fusion.types import ATTRIBUTES, DETECTION_CLASSES, MODALITIES, NO_ATTRIBUTE, Boxes
+from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, MODALITIES, NO_ATTRIBUTE, Boxes
 
 
 def random_boxes(n: int, seed: int = 0) -> Boxes:

@@ -11,14 +11,7 @@ from fusion.types import MODALITIES
 GRID = BEVGrid(-12.8, 12.8, -9.6, 9.6, cell_size=0.8)  # H=24, W=32: a non-square grid catches x/y mix-ups
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These models are tiny: one torch thread is as fast, and far faster on a machine whose cores are busy (threads
-    waiting on each other). The previous count is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 CHANNELS = {"camera": 6, "lidar": 8, "radar": 4, "gps": 5}
 
 

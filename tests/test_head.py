@@ -14,14 +14,7 @@ from fusion.types import ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
 GRID = BEVGrid(-20.0, 20.0, -16.0, 16.0, cell_size=0.5)  # H=64, W=80
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These models are tiny: one torch thread is as fast, and far faster on a machine whose cores are busy (threads
-    waiting on each other). The previous count is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make_boxes(n: int, seed: int = 0, grid: BEVGrid = GRID, min_separation: float = 2.0) -> Boxes:

@@ -27,14 +27,7 @@ from fusion.types import CAMERA_NAMES, MODALITIES, Boxes, CameraImages, EgoState
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These models are tiny: one torch thread is as fast, and far faster on a machine whose cores are busy (threads
-    waiting on each other). The previous count is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 GRID = BEVGrid(-16.0, 16.0, -12.0, 12.0, z_min=-3.0, z_max=3.0, cell_size=1.0)  # H=24, W=32
 IMAGE_HW = (32, 64)
 
@@ -346,8 +339,11 @@ def test_lightning_fit_validate_and_weights_only_checkpoint(tmp_path):
         for a, b in zip(expected, got):
             assert len(a) == len(b) and torch.allclose(a.center, b.center) and torch.equal(a.labels, b.labels)
     assert list(load_detector([config, overlay]).branches) == ["lidar"]  # overlays merge like repeated --config
-    with pytest.raises(ValueError, match="model.ckpt"):  # the lidar-only model does not fit the checkpoint
-        load_detector([config, overlay], checkpoint)
+    bare = tmp_path / "bare.ckpt"  # weights only, no saved model settings: the config describes the model
+    torch.save({"state_dict": state["state_dict"]}, bare)
+    assert list(load_detector(config, bare).branches) == list(model.branches)
+    with pytest.raises(ValueError, match="bare.ckpt"):  # the lidar-only model does not fit those weights
+        load_detector([config, overlay], bare)
 
 
 def test_load_detector_errors_name_the_file(tmp_path):
@@ -514,3 +510,21 @@ def test_datamodule_over_the_tiny_dataroot_feeds_the_model(tiny_dataroot, tmp_pa
     trainer.fit(model, datamodule=data)
     assert set(model.validation_predictions) == set(data.datasets["val"].sample_tokens[:2])
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_model_benchmark_runs_on_random_samples(tmp_path):
+    """tools/benchmark.py model end to end on its built-in random samples (no dataroot): figures are written."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from tools.benchmarks import model as benchmark
+
+    out = tmp_path / "model.json"
+    code = benchmark.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--dataroot", str(tmp_path / "none"),
+                           "--samples", "2", "--warmup", "0", "--iterations", "2", "--batch-size", "1",
+                           "--threads", "1", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert code == 0 and figures["samples"].startswith("random samples")
+    assert figures["inference_frames_per_s"] > 0 and figures["train_samples_per_s"] > 0
+    assert figures["modalities"] == ["camera", "lidar", "radar", "gps"]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from fusion.datasets.nuscenes import can_state_at
 from fusion.geometry import invert_transform, make_transform, matrix_to_quaternion
+from fusion.datasets.datamodule import FusionDataModule
 from fusion.module import load_detector
 from fusion.replay import (COUNT_KEYS, GifStreamWriter, LatencyHistogram, PlaybackClock, SceneSource, SyncPolicy,
                            VideoSink, engine_for_scene, run_replay)
@@ -57,16 +58,15 @@ def tiny(tiny_dataroot):
     """A freshly initialised tiny_cpu model and its data module (the config's data settings)."""
     torch.manual_seed(0)
     model = load_detector(CONFIG).eval()
-    data = replay_tool.build_data(CONFIG, model, str(tiny_dataroot.dataroot), tiny_dataroot.version)
-    data.cache_dir = None  # the config's cache folder is relative to the working directory: keep tests out of it
+    # cache_dir=None: the config's cache folder is relative to the working directory; keep tests out of it
+    data = FusionDataModule.for_model(model, str(tiny_dataroot.dataroot), tiny_dataroot.version, config=CONFIG,
+                                      cache_dir=None)
     return model, data
 
 
 @pytest.fixture(scope="module")
 def lidar_only(tiny_dataroot, tiny):
     """Data settings of a LiDAR-only model (one sweep): cheap frames for the playback-clock tests."""
-    from fusion.datasets.datamodule import FusionDataModule
-
     return FusionDataModule(str(tiny_dataroot.dataroot), tiny_dataroot.version, grid=tiny[0].grid,
                             modalities=["lidar"], lidar_sweeps=1, cache_dir=None)
 
@@ -592,12 +592,11 @@ def test_cli_replays_the_first_scene_of_a_split(tiny, tiny_dataroot, tmp_path, c
     run = tmp_path / "runs" / "tiny"
     (run / "checkpoints").mkdir(parents=True)
     checkpoint = run / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": model.state_dict(), "epoch": 0}, checkpoint)
-    (run / "tensorboard" / "version_0").mkdir(parents=True)
-    shutil.copy(CONFIG, run / "tensorboard" / "version_0" / "config.yaml")  # as tools/train.py leaves it
+    torch.save({"state_dict": model.state_dict(), "epoch": 0}, checkpoint)  # weights only: --config says the rest
     out = tmp_path / "out"
     code = replay_tool.main(["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version,
-                             "--split", tiny_dataroot.val_split, "--checkpoint", str(checkpoint), "--out", str(out),
+                             "--split", tiny_dataroot.val_split, "--checkpoint", str(checkpoint),
+                             "--config", str(CONFIG), "--out", str(out),
                              "--rate", "max", "--every-k-sweeps", "10", "--max-frames", "2", "--video", "gif",
                              "--device", "cpu"])
     printed = capsys.readouterr().out
@@ -606,7 +605,7 @@ def test_cli_replays_the_first_scene_of_a_split(tiny, tiny_dataroot, tmp_path, c
         assert str(out / name) in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scene"] == tiny_dataroot.val_scenes[0] and summary["frames"]["processed"] == 2
-    assert summary["stopped_at_max_frames"] and summary["config"].endswith("config.yaml")
+    assert summary["stopped_at_max_frames"] and summary["config"] == str(CONFIG)
     lines = read_jsonl(out / "detections.jsonl")
     assert len(lines) == 2 and all("CAN" in line["sensors_missing"] and "CAN" not in line["sensors_used"]
                                    for line in lines)  # the validation scene has no CAN bus data
@@ -625,7 +624,8 @@ def test_cli_rejects_bad_input_with_clear_messages(tiny_dataroot, tmp_path, caps
     lonely.write_bytes(b"")
     code = replay_tool.main(["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version,
                              "--scene", "scene-2001", "--checkpoint", str(lonely), "--out", str(tmp_path / "o")])
-    assert code == 2 and "no config.yaml found for checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load checkpoint" in err and "lonely.ckpt" in err
     code = replay_tool.main(["--dataroot", str(tmp_path), "--version", tiny_dataroot.version, "--scene", "scene-2001",
                              "--checkpoint", str(lonely), "--config", str(CONFIG), "--out", str(tmp_path / "o")])
     assert code == 2 and "has no table folder" in capsys.readouterr().err

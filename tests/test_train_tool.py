@@ -129,7 +129,6 @@ def test_fit_writes_checkpoints_logs_and_devkit_metrics(tiny_dataroot, tmp_path)
     assert (root / "tensorboard" / "version_0" / "config.yaml").is_file()
 
 
-@pytest.mark.slow
 def test_resume_after_kill_continues_from_the_checkpoint(tiny_dataroot, tmp_path):
     """A 2-epoch fit in a subprocess is SIGKILLed as soon as its first last.ckpt exists (it is then in epoch 1);
     last.ckpt still loads with weights_only=True, and `--ckpt_path last` continues from its global step."""
@@ -162,7 +161,6 @@ def test_resume_after_kill_continues_from_the_checkpoint(tiny_dataroot, tmp_path
     assert final["global_step"] == 4 and final["epoch"] == 1
 
 
-@pytest.mark.slow
 def test_ddp_fit_with_two_cpu_processes(tiny_dataroot, tmp_path):
     """Lightning's DDP strategy with 2 CPU processes (gloo), run in a subprocess: both ranks train, the validation
     predictions of both ranks are gathered and scored by the devkit on rank 0."""

@@ -21,8 +21,14 @@ AREAS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --help after an area goes to that area's own parser; before it (or alone) it prints this overview.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     add_help=False)
     parser.add_argument("area", choices=sorted(AREAS))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(AREAS[args.area])
     return module.main(rest)

@@ -3,7 +3,7 @@
 
 From a checkpoint (inference over the split with the model's predict_boxes, then the devkit):
     python tools/evaluate.py --dataroot data/synthetic --version v1.0-synth --split synth_val --out outputs/eval \
-        --config configs/tiny_cpu.yaml --checkpoint runs/tiny_cpu/checkpoints/last.ckpt [--robustness]
+        --checkpoint outputs/tiny_cpu/checkpoints/last.ckpt [--robustness]
 From an existing submission (validated against the nuScenes format first, then evaluated):
     python tools/evaluate.py --dataroot DIR --version V --split NAME --out DIR --results results_nusc.json
 
@@ -21,7 +21,6 @@ Exit status: 0 on success, 2 for a bad argument or an invalid submission (the me
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -39,11 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, help="split to evaluate, e.g. mini_val or synth_val")
     parser.add_argument("--out", required=True, help="output folder")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="Lightning checkpoint of a FusionDetector (needs --config)")
+    source.add_argument("--checkpoint", help="Lightning checkpoint of a FusionDetector (tools/train.py saves the "
+                        "model and data settings in it)")
     source.add_argument("--results", help="an existing nuScenes submission JSON to validate and evaluate")
-    parser.add_argument("--config", help="the YAML config the checkpoint was trained with: its data: section sets the "
-                        "reader (image size, sweeps, ...); the model comes from the checkpoint's saved "
-                        "hyper-parameters when it has them, else from the config's model: section")
+    parser.add_argument("--config", help="the YAML config the checkpoint was trained with, for checkpoints that do "
+                        "not carry their settings (the model and data settings saved in a checkpoint win)")
     parser.add_argument("--no-curves", action="store_true", help="skip the devkit's PDF curves (8-10 s)")
     parser.add_argument("--robustness", action="store_true",
                         help="also score the checkpoint with each sensor removed, LiDAR thinned and GPS noise")
@@ -59,8 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="decoding score threshold (default: the model's)")
     args = parser.parse_args(argv)
-    if args.checkpoint and not args.config:
-        parser.error("--checkpoint needs --config (the YAML the model was trained with)")
     if args.results and args.robustness:
         parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
     if args.results and args.config:
@@ -68,76 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_model(config_path: str, checkpoint_path: str, device: str):
-    """The FusionDetector of a checkpoint: built from the model hyper-parameters Lightning's CLI saved in it (so
-    command-line overrides made at training time are honoured), else from the config's model: section; weights
-    loaded with torch.load(weights_only=True)."""
-    from jsonargparse import ArgumentParser
-
-    from fusion.checkpoints import load_checkpoint
-    from fusion.module import FusionDetector, load_detector
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {checkpoint_path} holds no state_dict")
-    if "grid" in hparams and "branches" in hparams:
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(FusionDetector, "model", fail_untyped=False)
-        try:
-            model = parser.instantiate_classes(parser.parse_object({"model": hparams})).model
-        except Exception as error:
-            raise ValueError(f"checkpoint {checkpoint_path}: cannot rebuild the model from its saved "
-                             f"hyper-parameters: {error}") from error
-        source = "the checkpoint's hyper-parameters"
-    else:
-        model = load_detector(config_path)
-        source = f"{config_path} (model:)"
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit the model built from {source}: {error}") from error
-    print(f"model built from {source}")
-    return model.to(device).eval()
-
-
-def build_data(config_path: str, model, args: argparse.Namespace):
-    """The FusionDataModule of the config's data: section for this dataroot / version / split, on the model's grid
-    and modalities."""
-    import yaml
-
-    from fusion.datasets.datamodule import FusionDataModule
-
-    with open(config_path) as handle:
-        document = yaml.safe_load(handle) or {}
-    data = dict(document.get("data") or {})
-    for key in ("grid", "modalities", "dataroot", "version", "train_split", "val_split", "test_split"):
-        data.pop(key, None)
-    if args.batch_size is not None:
-        data["val_batch_size"] = args.batch_size
-    if args.num_workers is not None:
-        data["num_workers"] = args.num_workers
-    try:
-        return FusionDataModule(dataroot=args.dataroot, version=args.version, train_split=args.split,
-                                val_split=args.split, test_split=args.split, grid=model.grid,
-                                modalities=list(model.modalities), **data)
-    except TypeError as error:
-        raise ValueError(f"{config_path}: data section does not fit FusionDataModule: {error}") from error
-
-
-def condition_loader(base_dataset, batch_size: int, num_workers: int, lidar_keep_rings: int | None = None):
-    """A DataLoader over the split's dataset (no augmentation); with lidar_keep_rings, over a copy sharing its index
-    whose reader keeps only LiDAR rings with ring % lidar_keep_rings == 0."""
+def condition_loader(datamodule, split: str, lidar_keep_rings: int | None = None):
+    """A DataLoader over the split (no augmentation); with lidar_keep_rings, the reader keeps only LiDAR rings with
+    ring % lidar_keep_rings == 0 (fewer beams)."""
     from torch.utils.data import DataLoader
 
     from fusion.datasets.collate import collate_samples
 
-    dataset = base_dataset
-    if lidar_keep_rings is not None:
-        dataset = copy.copy(base_dataset)
-        dataset.builder = dataclasses.replace(base_dataset.builder, lidar_keep_rings=lidar_keep_rings)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_samples)
+    overrides = {} if lidar_keep_rings is None else {"lidar_keep_rings": lidar_keep_rings}
+    dataset = datamodule.make_dataset(split, train=False, **overrides)
+    return DataLoader(dataset, batch_size=datamodule.val_batch_size, shuffle=False,
+                      num_workers=datamodule.num_workers, collate_fn=collate_samples)
 
 
 def score_condition(model, loader, nusc, split: str, tokens, condition, out: Path, render_curves: bool,
@@ -163,21 +101,27 @@ def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> di
     from fusion.evaluation import (GpsNoise, RobustnessRow, format_robustness_table, robustness_conditions,
                                    summary_scalars)
 
+    from fusion.datasets.datamodule import FusionDataModule
+    from fusion.module import load_detector
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.config, args.checkpoint, device)
+    model = load_detector(args.config, args.checkpoint).to(device).eval()
     if args.score_threshold is not None:
         model.hparams["score_threshold"] = args.score_threshold
-    datamodule = build_data(args.config, model, args)
-    dataset = datamodule.make_dataset(args.split, train=False)
+    overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
+                 if v is not None}
+    datamodule = FusionDataModule.for_model(model, args.dataroot, args.version, args.split, args.checkpoint,
+                                            args.config, **overrides)
 
     def loader(condition):
-        return condition_loader(dataset, datamodule.val_batch_size, datamodule.num_workers, condition.lidar_keep_rings)
+        return condition_loader(datamodule, args.split, condition.lidar_keep_rings)
 
     noise = GpsNoise(position_sigma_m=args.gps_position_sigma, yaw_sigma_rad=args.gps_yaw_sigma,
                      can_dropout=args.gps_can_dropout)
     conditions = robustness_conditions(model.modalities, args.thin_rings, noise)
-    print(f"model: {args.checkpoint} ({', '.join(model.modalities)}) on {device}; split {args.split}: "
-          f"{len(tokens)} samples")
+    grid = model.grid
+    print(f"model: {args.checkpoint} ({', '.join(model.modalities)}; BEV {grid.height} x {grid.width} cells of "
+          f"{grid.cell_size} m) on {device}; split {args.split}: {len(tokens)} samples")
     start = time.perf_counter()
     summary, results_path = score_condition(model, loader(conditions[0]), nusc, args.split, tokens, conditions[0],
                                             out, render_curves=not args.no_curves, verbose=True)

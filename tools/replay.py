@@ -2,12 +2,13 @@
 r"""Replay a recorded drive through a trained FusionDetector as if it were live (no ROS).
 
     python tools/replay.py --dataroot data/synthetic --version v1.0-synth --scene scene-2009 \
-        --checkpoint runs/tiny_cpu/checkpoints/last.ckpt --config configs/tiny_cpu.yaml --out outputs/replay
+        --checkpoint outputs/tiny_cpu/checkpoints/last.ckpt --out outputs/replay
     python tools/replay.py --dataroot DIR --version V --split synth_val --checkpoint CKPT --out DIR --rate 1.0
 
 Every sample_data of the scene (LiDAR, radar and camera sweeps, not only keyframes) and its CAN bus messages are
-replayed in timestamp order. Without --scene, the first scene of --split is replayed. Without --config, the
-config.yaml that tools/train.py saved next to the checkpoint's run is used.
+replayed in timestamp order. Without --scene, the first scene of --split is replayed. The model and its data
+settings come from the checkpoint (tools/train.py saves both in it); --config is only needed for checkpoints
+that lack them.
 
 Sync policy (on each LiDAR sweep, or every k-th):
   - the frame is the ego frame at the sweep's timestamp T; it is assembled once the stream has passed
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--scene", help="scene name, e.g. scene-0061")
     where.add_argument("--split", help="replay the first scene of this split (devkit or splits.json name)")
     parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint of a FusionDetector")
-    parser.add_argument("--config", help="YAML the model was trained with (default: the config.yaml of its run)")
+    parser.add_argument("--config", help="YAML the model was trained with, for checkpoints that do not carry their "
+                        "model and data settings")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--rate", type=_rate, default=0.0, help="'max' (default) or a multiple of real time")
     parser.add_argument("--every-k-sweeps", type=int, default=1, metavar="K", help="a frame on every K-th sweep")
@@ -96,19 +98,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def find_config(checkpoint: Path) -> Path:
-    """The config.yaml tools/train.py saved for the run of `checkpoint` (runs/NAME/checkpoints/X.ckpt ->
-    runs/NAME/tensorboard/version_N/config.yaml, newest first), or a config.yaml beside it."""
-    run = checkpoint.resolve().parent.parent
-    candidates = [checkpoint.resolve().parent / "config.yaml", run / "config.yaml"]
-    candidates += sorted(run.glob("*/version_*/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no --config given and no config.yaml found for checkpoint {checkpoint} "
-                            f"(looked at {', '.join(str(c) for c in candidates[:2])} and {run}/*/version_*/)")
-
-
 class _Thresholded:
     """The detector with a fixed decoding threshold (predict_boxes(batch, score_threshold))."""
 
@@ -122,29 +111,12 @@ class _Thresholded:
         return getattr(self.model, name)
 
 
-def build_data(config_path: Path, model, dataroot: str, version: str):
-    """The FusionDataModule of the config's data: section on the model's grid and modalities."""
-    import yaml
-
-    from fusion.datasets.datamodule import FusionDataModule
-
-    with open(config_path) as handle:
-        document = yaml.safe_load(handle) or {}
-    data = dict(document.get("data") or {})
-    for key in ("grid", "modalities", "dataroot", "version"):
-        data.pop(key, None)
-    try:
-        return FusionDataModule(dataroot=dataroot, version=version, grid=model.grid, modalities=list(model.modalities),
-                                **data)
-    except TypeError as error:
-        raise ValueError(f"{config_path}: data section does not fit FusionDataModule: {error}") from error
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from nuscenes.nuscenes import NuScenes
 
+    from fusion.datasets.datamodule import FusionDataModule
     from fusion.module import load_detector
     from fusion.replay import SyncPolicy, engine_for_scene, first_scene_of_split, run_replay
 
@@ -152,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         dataroot, checkpoint = Path(args.dataroot), Path(args.checkpoint)
         if not (dataroot / args.version).is_dir():
             raise FileNotFoundError(f"--dataroot {dataroot} has no table folder {args.version!r}")
-        config = Path(args.config) if args.config else find_config(checkpoint)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
-        model = load_detector(config, checkpoint, map_location=device).to(device).eval()
+        model = load_detector(args.config, checkpoint).to(device).eval()
         if model.temporal is not None:
             model.temporal.reset()
-        data = build_data(config, model, str(dataroot), args.version)
+        data = FusionDataModule.for_model(model, str(dataroot), args.version, checkpoint=checkpoint,
+                                          config=args.config)
         nusc = NuScenes(version=args.version, dataroot=str(dataroot), verbose=False)
         scene = args.scene or first_scene_of_split(nusc, args.split)
         policy = SyncPolicy(
@@ -180,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     summary, outputs = run_replay(
         engine, args.out, model.grid, max_frames=args.max_frames, video=args.video, png_every=args.png_every,
         contributions=not args.no_contributions,
-        extra_summary={"checkpoint": str(checkpoint), "config": str(config), "dataroot": str(dataroot),
+        extra_summary={"checkpoint": str(checkpoint), "config": args.config, "dataroot": str(dataroot),
                        "version": args.version, "device": device})
     frames, latency = summary["frames"], summary["latency_ms"]
     print(f"frames: {frames['processed']} processed, {frames['dropped']} dropped, {frames['late']} late "

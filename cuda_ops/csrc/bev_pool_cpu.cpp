@@ -45,21 +45,21 @@ int64_t bev_keys(const index_t* coords, int64_t p, int64_t batch_size, int64_t d
 // and cell_start[cell] .. cell_start[cell + 1] is the cell's range in `order`. Threads count and place contiguous
 // point ranges; part t's points of a cell go after parts 0..t-1's, so the order is the serial one.
 void sort_by_cell(const int32_t* keys, int64_t p, int64_t cells, int64_t parts, std::vector<int32_t>& order,
-                  std::vector<int64_t>& cell_start) {
+                  std::vector<int32_t>& cell_start) {
   const int64_t chunk = (p + parts - 1) / parts;
-  std::vector<int64_t> cursor(static_cast<size_t>(parts * cells), 0);
+  std::vector<int32_t> cursor(static_cast<size_t>(parts * cells), 0);  // p < 2^31: counts fit int32
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      int64_t* count = cursor.data() + part * cells;
+      int32_t* count = cursor.data() + part * cells;
       for (int64_t i = part * chunk; i < std::min(p, (part + 1) * chunk); ++i) ++count[keys[i]];
     }
   });
   cell_start.assign(static_cast<size_t>(cells + 1), 0);
-  int64_t running = 0;
+  int32_t running = 0;
   for (int64_t cell = 0; cell < cells; ++cell) {
     cell_start[cell] = running;
     for (int64_t part = 0; part < parts; ++part) {
-      const int64_t count = cursor[part * cells + cell];
+      const int32_t count = cursor[part * cells + cell];
       cursor[part * cells + cell] = running;
       running += count;
     }
@@ -68,22 +68,25 @@ void sort_by_cell(const int32_t* keys, int64_t p, int64_t cells, int64_t parts, 
   order.resize(static_cast<size_t>(p));
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      int64_t* next = cursor.data() + part * cells;
-      for (int64_t i = part * chunk; i < std::min(p, (part + 1) * chunk); ++i) order[next[keys[i]]++] = static_cast<int32_t>(i);
+      int32_t* next = cursor.data() + part * cells;
+      for (int64_t i = part * chunk; i < std::min(p, (part + 1) * chunk); ++i) {
+        order[next[keys[i]]++] = static_cast<int32_t>(i);
+      }
     }
   });
 }
 
 template <typename scalar_t>
-torch::Tensor pool_cpu(const torch::Tensor& features, const int32_t* keys, int64_t batch_size, int64_t cells_per_batch) {
+torch::Tensor pool_cpu(const torch::Tensor& features, const int32_t* keys, int64_t batch_size,
+                       int64_t cells_per_batch) {
   using acc_t = typename BevAcc<scalar_t>::type;
   const int64_t p = features.size(0), c = features.size(1);
   const int64_t cells = batch_size * cells_per_batch;
-  // Parallel counting needs one histogram per thread: use fewer threads for huge grids.
+  // Parallel counting needs one histogram per part: fewer parts for huge grids (at most ~4M extra counters).
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
-                                                                p / 65536 + 1, (int64_t{1} << 26) / cells + 1}));
+                                                                p / 65536 + 1, (int64_t{1} << 22) / cells + 1}));
   std::vector<int32_t> order;
-  std::vector<int64_t> cell_start;
+  std::vector<int32_t> cell_start;
   sort_by_cell(keys, p, cells, parts, order, cell_start);
 
   auto out = torch::empty({batch_size, c, cells_per_batch}, features.options());
@@ -93,7 +96,8 @@ torch::Tensor pool_cpu(const torch::Tensor& features, const int32_t* keys, int64
   const int64_t tiles = (cells + kTile - 1) / kTile;
   // Tiles of 16 cells: sum each cell's rows in input order into a small buffer, then write the tile's 16 cells of
   // every channel (64 contiguous bytes for float). Threads take contiguous tile ranges with about equal point counts.
-  const int64_t work_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, tiles));
+  const int64_t work_parts = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()) * 4,
+                                                                     tiles, p / 16384 + 1}));
   std::vector<int64_t> tile_bounds(static_cast<size_t>(work_parts + 1), tiles);
   tile_bounds[0] = 0;
   for (int64_t part = 1; part < work_parts; ++part) {
@@ -121,11 +125,11 @@ torch::Tensor pool_cpu(const torch::Tensor& features, const int32_t* keys, int64
             for (int64_t ch = 0; ch < c; ++ch) dst[ch] += static_cast<acc_t>(src[ch]);
           }
         }
-        for (int64_t cell = cell0; cell < cell1; ++cell) {
-          const int64_t b = cell / cells_per_batch, s = cell % cells_per_batch;
-          const acc_t* src = buffer.data() + (cell - cell0) * c;
-          scalar_t* dst = o + b * c * cells_per_batch + s;
-          for (int64_t ch = 0; ch < c; ++ch) dst[ch * cells_per_batch] = static_cast<scalar_t>(src[ch]);
+        for (int64_t ch = 0; ch < c; ++ch) {
+          for (int64_t cell = cell0; cell < cell1; ++cell) {
+            const int64_t b = cell / cells_per_batch, s = cell % cells_per_batch;
+            o[(b * c + ch) * cells_per_batch + s] = static_cast<scalar_t>(buffer[(cell - cell0) * c + ch]);
+          }
         }
       }
     }

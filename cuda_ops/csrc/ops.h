@@ -32,21 +32,22 @@ VoxelGridSpec make_grid_spec(const std::vector<double>& range_min, const std::ve
                              const std::vector<int64_t>& grid);
 
 // The cell index of one coordinate along one axis, or -1 when the point is dropped. Identical on host and device:
-// IEEE float32 subtraction and division (no fused or approximate operations), then floor.
+// IEEE float32 subtraction and division (no fused or approximate operations). spconv takes floor(scaled) and keeps
+// the point when 0 <= floor(scaled) < cells; that holds exactly when 0 <= scaled and trunc(scaled) < cells, and
+// floor and trunc agree on non-negative values, so the floor is not needed. NaN fails the comparisons.
+constexpr float kIntLimit = 2147483648.0f;  // 2^31: values at or above do not convert to int32
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
 inline int32_t axis_cell(float value, float lower, float size, int32_t cells) {
 #if defined(__CUDA_ARCH__)
   const float scaled = __fdiv_rn(__fsub_rn(value, lower), size);
-  const float cell = floorf(scaled);
 #else
   const float scaled = (value - lower) / size;
-  const float cell = std::floor(scaled);
 #endif
-  // NaN fails both comparisons; +-Inf fails one of them.
-  if (!(cell >= 0.0f) || !(cell < static_cast<float>(cells))) return -1;
-  return static_cast<int32_t>(cell);
+  if (!(scaled >= 0.0f) || !(scaled < kIntLimit)) return -1;
+  const int32_t cell = static_cast<int32_t>(scaled);
+  return cell < cells ? cell : -1;
 }
 
 // The int32 cell key of point (x, y, z), or -1 when it is dropped.

@@ -4,7 +4,7 @@
 //   A (parallel)  per-point int32 cell key, -1 for dropped points;
 //   B (serial)    walk the points in input order: cell key -> voxel id through a hash table (or a dense table for
 //                 small grids), new voxels numbered in order of first appearance, each voxel keeping its first
-//                 max_points points; the slot of every kept point is recorded;
+//                 max_points points; the output slot of every kept point is recorded;
 //   C (parallel)  copy the kept points into their slots, zero the padding, decode the voxel coordinates.
 // Only phase B depends on the order of the points and it is serial, so the result does not depend on the number of
 // threads. Phase B touches 8 bytes per point in a table sized to the point count (or the grid, when that is smaller)
@@ -15,6 +15,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace fusion_ops {
 
@@ -47,14 +52,37 @@ void check_points(const torch::Tensor& points) {
 
 // Per-point cell keys (phase A), -1 for dropped points. Returns the number of kept points.
 int64_t compute_keys(const float* pts, int64_t n, int64_t stride, const VoxelGridSpec& g, int32_t* keys) {
-  std::vector<int64_t> valid_per_chunk(static_cast<size_t>(std::max(1, at::get_num_threads())) * 4, 0);
-  const int64_t chunks = static_cast<int64_t>(valid_per_chunk.size());
+  // A few chunks per thread, none smaller than 16k points (small inputs run inline, without a parallel region).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n / 16384));
+  std::vector<int64_t> valid_per_chunk(static_cast<size_t>(chunks), 0);
   const int64_t chunk_size = (n + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t lo = chunk * chunk_size, hi = std::min(n, lo + chunk_size);
       int64_t valid = 0;
-      for (int64_t i = lo; i < hi; ++i) {
+      int64_t i = lo;
+#if defined(__SSE2__)
+      // x, y, z (and one more float, ignored) of a point in one register: one divps instead of three divss, the
+      // same IEEE float32 results lane by lane as axis_cell.
+      const __m128 lower = _mm_setr_ps(g.range_min[0], g.range_min[1], g.range_min[2], 0.0f);
+      const __m128 size = _mm_setr_ps(g.voxel_size[0], g.voxel_size[1], g.voxel_size[2], 1.0f);
+      const __m128 zero = _mm_setzero_ps(), limit = _mm_set1_ps(kIntLimit);
+      const __m128i cells = _mm_setr_epi32(g.grid[0], g.grid[1], g.grid[2], 1);
+      const int64_t vector_end = stride >= 4 ? hi : std::min(hi, n - 1);  // never read past the last float
+      for (; i < vector_end; ++i) {
+        const __m128 scaled = _mm_div_ps(_mm_sub_ps(_mm_loadu_ps(pts + i * stride), lower), size);
+        const __m128 in_range = _mm_and_ps(_mm_cmpge_ps(scaled, zero), _mm_cmplt_ps(scaled, limit));
+        const __m128i cell = _mm_cvttps_epi32(scaled);
+        const __m128 inside = _mm_and_ps(in_range, _mm_castsi128_ps(_mm_cmplt_epi32(cell, cells)));
+        const int32_t cx = _mm_cvtsi128_si32(cell);
+        const int32_t cy = _mm_cvtsi128_si32(_mm_shuffle_epi32(cell, 1));
+        const int32_t cz = _mm_cvtsi128_si32(_mm_shuffle_epi32(cell, 2));
+        const bool keep = (_mm_movemask_ps(inside) & 7) == 7;
+        keys[i] = keep ? (cz * g.grid[1] + cy) * g.grid[0] + cx : -1;
+        valid += keep;
+      }
+#endif
+      for (; i < hi; ++i) {
         const float* p = pts + i * stride;
         const int32_t key = point_cell_key(p[0], p[1], p[2], g);
         keys[i] = key;
@@ -72,13 +100,20 @@ inline uint32_t hash_key(int32_t key, int shift) {
   return (static_cast<uint32_t>(key) * 2654435761u) >> shift;
 }
 
+constexpr int32_t kUnseen = std::numeric_limits<int32_t>::min();
+
 struct Slot {
   int32_t key;    // -1: empty
-  int32_t voxel;  // voxel id, or -1 for a cell that arrived after max_voxels was reached
+  int32_t voxel;  // voxel id; kUnseen before the cell's first point; -1 for a cell past max_voxels
 };
 
-// Phase B with an open-addressing hash table (linear probing), capacity a power of two >= 2 * kept points.
-// lookup(key) returns the voxel id of the cell, creating it (or marking it dropped) on first sight.
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t size) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(size, 1))]);
+}
+
+// Phase B: walk the points in input order. lookup(i, key) returns a reference to the voxel id stored for the cell
+// (kUnseen on first sight). slot_of_point[i] = voxel * max_points + rank for the kept points, -1 for the others.
 template <typename Lookup>
 int32_t assign_voxels(const int32_t* keys, int64_t n, int64_t max_points, int64_t max_voxels, Lookup&& lookup,
                       int32_t* counts, int32_t* voxel_keys, int64_t* slot_of_point) {
@@ -88,14 +123,14 @@ int32_t assign_voxels(const int32_t* keys, int64_t n, int64_t max_points, int64_
     slot_of_point[i] = -1;
     if (key < 0) continue;
     int32_t& voxel = lookup(i, key);
-    if (voxel == std::numeric_limits<int32_t>::min()) {  // first point of this cell
+    if (voxel == kUnseen) {  // first point of this cell
       if (voxel_num < max_voxels) {
         voxel = voxel_num;
         voxel_keys[voxel_num] = key;
         counts[voxel_num] = 0;
         ++voxel_num;
       } else {
-        voxel = -1;
+        voxel = -1;  // arrived after max_voxels voxels: dropped with all its points
       }
     }
     if (voxel < 0) continue;
@@ -118,18 +153,18 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> hard_voxelize_cpu(const 
   const int64_t n = points.size(0), c = points.size(1);
   const float* pts = points.data_ptr<float>();
 
-  std::vector<int32_t> keys(static_cast<size_t>(n));
-  const int64_t kept = compute_keys(pts, n, c, g, keys.data());
+  auto keys = uninitialized<int32_t>(n);
+  const int64_t kept = compute_keys(pts, n, c, g, keys.get());
   if (kept == 0) {
-    return {torch::zeros({0, max_points, c}, points.options()), torch::zeros({0, 3}, points.options().dtype(torch::kInt32)),
-            torch::zeros({0}, points.options().dtype(torch::kInt32))};
+    const auto int_options = points.options().dtype(torch::kInt32);
+    return {torch::zeros({0, max_points, c}, points.options()), torch::zeros({0, 3}, int_options),
+            torch::zeros({0}, int_options)};
   }
   const int64_t voxel_cap = std::min<int64_t>(kept, max_voxels);
-  std::vector<int32_t> counts(static_cast<size_t>(voxel_cap));
-  std::vector<int32_t> voxel_keys(static_cast<size_t>(voxel_cap));
-  std::vector<int64_t> slot_of_point(static_cast<size_t>(n));
+  auto counts = uninitialized<int32_t>(voxel_cap);
+  auto voxel_keys = uninitialized<int32_t>(voxel_cap);
+  auto slot_of_point = uninitialized<int64_t>(n);
 
-  constexpr int32_t kUnseen = std::numeric_limits<int32_t>::min();
   constexpr int64_t kPrefetch = 16;
   int64_t capacity = 16;
   while (capacity < 2 * kept) capacity <<= 1;
@@ -139,20 +174,21 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> hard_voxelize_cpu(const 
     // Small grid (pillars): a dense table of one int32 per cell is smaller than the hash table would be.
     std::vector<int32_t> table(static_cast<size_t>(cells), kUnseen);
     int32_t* t = table.data();
-    const int32_t* k = keys.data();
+    const int32_t* k = keys.get();
     auto lookup = [&](int64_t i, int32_t key) -> int32_t& {
       if (i + kPrefetch < n && k[i + kPrefetch] >= 0) __builtin_prefetch(t + k[i + kPrefetch], 1);
       return t[key];
     };
-    voxel_num = assign_voxels(k, n, max_points, max_voxels, lookup, counts.data(), voxel_keys.data(),
-                              slot_of_point.data());
+    voxel_num = assign_voxels(k, n, max_points, max_voxels, lookup, counts.get(), voxel_keys.get(),
+                              slot_of_point.get());
   } else {
+    // Open addressing with linear probing, at most half full.
     int shift = 32;
     for (int64_t cap = capacity; cap > 1; cap >>= 1) --shift;
     const uint32_t mask = static_cast<uint32_t>(capacity - 1);
     std::vector<Slot> table(static_cast<size_t>(capacity), Slot{-1, kUnseen});
     Slot* t = table.data();
-    const int32_t* k = keys.data();
+    const int32_t* k = keys.get();
     auto lookup = [&](int64_t i, int32_t key) -> int32_t& {
       if (i + kPrefetch < n && k[i + kPrefetch] >= 0) __builtin_prefetch(t + hash_key(k[i + kPrefetch], shift), 1);
       uint32_t h = hash_key(key, shift);
@@ -166,8 +202,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> hard_voxelize_cpu(const 
         h = (h + 1) & mask;
       }
     };
-    voxel_num = assign_voxels(k, n, max_points, max_voxels, lookup, counts.data(), voxel_keys.data(),
-                              slot_of_point.data());
+    voxel_num = assign_voxels(k, n, max_points, max_voxels, lookup, counts.get(), voxel_keys.get(),
+                              slot_of_point.get());
   }
 
   auto voxels = torch::empty({voxel_num, max_points, c}, points.options());

@@ -127,7 +127,9 @@ __global__ void fill_voxels_kernel(const float* __restrict__ points, int64_t cha
   const int64_t rank = (e / channels) % max_points;
   const int64_t v = e / (channels * max_points);
   float value = 0.0f;
-  if (rank < num_points[v]) value = points[static_cast<int64_t>(sorted_index[voxel_start[v] + rank]) * channels + feature];
+  if (rank < num_points[v]) {
+    value = points[static_cast<int64_t>(sorted_index[voxel_start[v] + rank]) * channels + feature];
+  }
   voxels[e] = value;
 }
 

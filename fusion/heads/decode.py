@@ -21,30 +21,22 @@ from torch import Tensor
 
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import HeadOutput
-from fusion.types import ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
+from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
 
-#: The devkit's relevant attributes per class (nuscenes.eval.detection.utils.detection_name_to_rel_attributes).
-RELEVANT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "car": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "truck": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "construction_vehicle": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "bus": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "trailer": ("vehicle.moving", "vehicle.parked", "vehicle.stopped"),
-    "barrier": (),
-    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
-    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
-    "pedestrian": ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing"),
-    "traffic_cone": (),
-}
+def _relevant_attribute_table() -> Tensor:
+    mask = torch.zeros(len(DETECTION_CLASSES), len(ATTRIBUTES), dtype=torch.bool)
+    for c, name in enumerate(DETECTION_CLASSES):
+        for attribute in CLASS_ATTRIBUTES[name]:
+            mask[c, ATTRIBUTES.index(attribute)] = True
+    return mask
+
+
+_RELEVANT_ATTRIBUTE_TABLE = _relevant_attribute_table()
 
 
 def relevant_attribute_mask(device=None) -> Tensor:
     """[10, 8] bool: which ATTRIBUTES are relevant to each of DETECTION_CLASSES."""
-    mask = torch.zeros(len(DETECTION_CLASSES), len(ATTRIBUTES), dtype=torch.bool, device=device)
-    for c, name in enumerate(DETECTION_CLASSES):
-        for attribute in RELEVANT_ATTRIBUTES[name]:
-            mask[c, ATTRIBUTES.index(attribute)] = True
-    return mask
+    return _RELEVANT_ATTRIBUTE_TABLE.to(device) if device is not None else _RELEVANT_ATTRIBUTE_TABLE.clone()
 
 
 def gaussian_radius(length_cells: Tensor, width_cells: Tensor, min_overlap: float = 0.1) -> Tensor:

@@ -10,8 +10,8 @@ well-formed random samples at the config's grid / image size / sweep counts (a r
 ~34k points per sweep, dense near and sparse far; radar returns; uint8 images). Samples are loaded before timing, so
 the figures are the model's; data loading (reader + transforms, one process) is timed separately.
 
-CPU (always): inference at batch 1 (forward + box decoding, eval mode, no grad) in frames/s, and training (forward,
-loss, backward, AdamW step) at the config's batch size in samples/s.
+CPU (always): inference at batch 1 (forward + box decoding, eval mode, no grad) in frames/s, training (forward,
+loss, backward, AdamW step) at the config's batch size in samples/s, and the process's peak resident memory.
 CUDA (--device cuda): end-to-end latency at batch 1 from raw points and uint8 images in host memory to decoded boxes
 (host-to-device copy, voxelization and every branch included), with mixed precision (autocast bf16, or fp16 where
 bf16 is unsupported), p50/p90 over the timed iterations, and peak GPU memory; then a training step at batch 4 with
@@ -276,7 +276,10 @@ def main(argv: list[str]) -> int:
         batch_size = args.batch_size or int((config.get("data") or {}).get("batch_size", 4))
         inference = _cpu_inference(model, samples, args.warmup, args.iterations)
         training = _cpu_training(model, samples, batch_size, max(1, args.warmup // 2), max(3, args.iterations // 2))
+        import resource
+
         results.update({
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "inference_frames_per_s": 1.0 / statistics.median(inference),
             "inference_ms_p50": 1000 * statistics.median(inference),
             "train_batch_size": batch_size,
@@ -288,6 +291,7 @@ def main(argv: list[str]) -> int:
               f"({results['inference_ms_p50']:.0f} ms p50 over {len(inference)} frames)")
         print(f"  training, batch {batch_size} (fwd + loss + bwd + AdamW): {results['train_samples_per_s']:8.2f} "
               f"samples/s ({results['train_step_ms_p50']:.0f} ms per step p50 over {len(training)} steps)")
+        print(f"  peak resident memory of the process: {results['peak_rss_gib']:.2f} GiB")
     else:
         cuda = _cuda_benchmark(model, samples, max(args.warmup, 10), max(args.iterations, 50), args.batch_size or 4)
         results.update(cuda)

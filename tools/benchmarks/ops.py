@@ -318,25 +318,38 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def run_once(fn: Callable[[], object], device: str) -> float:
+    """Milliseconds of one fn() call (CUDA events on the GPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timed_together(fns: dict[str, Callable[[], object]], device: str, repeats: int,
+                   warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """{name: (median, min) milliseconds} over `repeats` rounds after `warmup` rounds; each round runs every fn once,
+    in turn, so that implementations compared with each other meet the same background load."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(run_once(fn, device))
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
 def timed(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> tuple[float, float]:
     """(median, min) milliseconds of fn() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
+    return timed_together({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def memory_bandwidth(device: str) -> float:
@@ -366,43 +379,49 @@ def bench_voxelize(device: str, repeats: int, num_points: int, bandwidth: float,
         kept = int(ours[2].sum())
         moved = num_points * channels * 4 + num_voxels * (MAX_POINTS * channels * 4 + 12 + 4)
         stats = {"points": num_points, "voxels": num_voxels, "points_in_voxels": kept}
-        med, best = timed(lambda: hard_voxelize(points, voxel, POINT_RANGE, MAX_POINTS, MAX_VOXELS), device, repeats)
+        fns = {"ours": lambda: hard_voxelize(points, voxel, POINT_RANGE, MAX_POINTS, MAX_VOXELS),
+               "dynamic": lambda: dynamic_voxelize(points, voxel, POINT_RANGE)}
+        spconv_note = None
+        try:
+            from spconv.pytorch.utils import PointToVoxel
+            generator = PointToVoxel(vsize_xyz=list(voxel), coors_range_xyz=list(POINT_RANGE),
+                                     num_point_features=channels, max_num_voxels=MAX_VOXELS,
+                                     max_num_points_per_voxel=MAX_POINTS, device=torch.device(device))
+            spconv_same = all(torch.equal(a, b) for a, b in zip(ours, generator(points)))
+            fns["spconv"] = lambda: generator(points)
+        except Exception as error:  # spconv missing or without this device
+            spconv_note = f"unavailable: {type(error).__name__}: {error}"[:200]
+        times = timed_together(fns, device, repeats)
+        med, best = times["ours"]
         rows.append(Row("voxelize", f"{label}: ours hard_voxelize", med, best, floor_ms(moved, bandwidth),
                         f"{num_voxels} voxels, {kept} points kept", stats))
         if device == "cuda":
             cpu_result = hard_voxelize(cloud, voxel, POINT_RANGE, MAX_POINTS, MAX_VOXELS)
             same = all(torch.equal(a.cpu(), b) for a, b in zip(ours, cpu_result))
             rows[-1].note += f"; identical to our CPU result: {same}"
-        try:
-            from spconv.pytorch.utils import PointToVoxel
-            generator = PointToVoxel(vsize_xyz=list(voxel), coors_range_xyz=list(POINT_RANGE),
-                                     num_point_features=channels, max_num_voxels=MAX_VOXELS,
-                                     max_num_points_per_voxel=MAX_POINTS, device=torch.device(device))
-            theirs = generator(points)
-            same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
-            med_s, best_s = timed(lambda: generator(points), device, repeats)
+        if "spconv" in times:
+            med_s, best_s = times["spconv"]
             rows.append(Row("voxelize", f"{label}: spconv PointToVoxel", med_s, best_s, floor_ms(moved, bandwidth),
-                            f"identical to ours: {same}; ours is {med_s / med:.1f}x faster (median)",
-                            {"identical": same, "speedup": med_s / med}))
-        except Exception as error:  # spconv missing or without this device
-            rows.append(Row("voxelize", f"{label}: spconv PointToVoxel", math.nan, math.nan, None,
-                            f"unavailable: {type(error).__name__}: {error}"[:200]))
+                            f"identical to ours: {spconv_same}; ours is {med_s / med:.1f}x faster (median)",
+                            {"identical": spconv_same, "speedup": med_s / med}))
+        else:
+            rows.append(Row("voxelize", f"{label}: spconv PointToVoxel", math.nan, math.nan, None, spconv_note))
         if device == "cuda" and cuda_mods is not None:
             from fusion.cuda_ops.grid_spec import voxel_grid
             grid = voxel_grid(voxel, POINT_RANGE)
             mmcv = cuda_mods[1]
             args = (points, list(grid.voxel_size), list(grid.range_min), list(grid.grid), MAX_POINTS, MAX_VOXELS)
-            theirs = mmcv.mmcv_hard_voxelize(*args)
-            same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
+            same = all(torch.equal(a, b) for a, b in zip(ours, mmcv.mmcv_hard_voxelize(*args)))
             med_m, best_m = timed(lambda: mmcv.mmcv_hard_voxelize(*args), device, max(1, min(repeats, 3)))
             rows.append(Row("voxelize", f"{label}: mmcv-style O(N^2) kernel", med_m, best_m,
-                            floor_ms(moved, bandwidth), f"identical to ours: {same}", {"identical": same}))
-        moved_dyn = num_points * (channels * 4 + 12)
-        med_d, best_d = timed(lambda: dynamic_voxelize(points, voxel, POINT_RANGE), device, repeats)
-        rows.append(Row("voxelize", f"{label}: ours dynamic_voxelize", med_d, best_d, floor_ms(moved_dyn, bandwidth)))
+                            floor_ms(moved, bandwidth), f"identical to ours: {same}; ours is {med_m / med:.0f}x faster",
+                            {"identical": same, "speedup": med_m / med}))
+        med_d, best_d = times["dynamic"]
+        rows.append(Row("voxelize", f"{label}: ours dynamic_voxelize", med_d, best_d,
+                        floor_ms(num_points * (channels * 4 + 12), bandwidth)))
         if device == "cpu":
             med_r, best_r = timed(lambda: reference.hard_voxelize(points, voxel, POINT_RANGE, MAX_POINTS, MAX_VOXELS),
-                                  device, max(1, repeats // 3))
+                                  device, max(1, repeats // 4))
             rows.append(Row("voxelize", f"{label}: torch reference hard_voxelize", med_r, best_r,
                             floor_ms(moved, bandwidth)))
     return rows
@@ -423,10 +442,7 @@ def bench_bev_pool(device: str, repeats: int, bandwidth: float, cuda_mods, chann
     moved_bwd = out_bytes + num_points * (channels * 4 + 4)
 
     ours = bev_pool(feats, coords32, 1, (1, cells, cells))
-    med, best = timed(lambda: bev_pool(feats, coords32, 1, (1, cells, cells)), device, repeats)
     occupied = int((ours.abs().sum(1) > 0).sum())
-    rows.append(Row("bev_pool", "forward: ours bev_pool", med, best, floor_ms(moved_fwd, bandwidth),
-                    f"{num_points} frustum points in {occupied} cells", stats))
     if device == "cpu":
         theirs = bevfusion_bev_pool_torch(feats, coords_xyzb, 1, 1, cells, cells)
         name = "forward: BEVFusion interval pooling (torch re-implementation)"
@@ -437,7 +453,12 @@ def bench_bev_pool(device: str, repeats: int, bandwidth: float, cuda_mods, chann
         name = "forward: BEVFusion interval pooling (its CUDA kernel)"
         run_theirs = lambda: bevfusion_bev_pool_cuda(module, feats, coords_xyzb, 1, 1, cells, cells)  # noqa: E731
     error = float((ours - theirs.transpose(-1, -2)).abs().max())
-    med_t, best_t = timed(run_theirs, device, repeats)
+    times = timed_together({"ours": lambda: bev_pool(feats, coords32, 1, (1, cells, cells)), "theirs": run_theirs},
+                           device, repeats)
+    med, best = times["ours"]
+    med_t, best_t = times["theirs"]
+    rows.append(Row("bev_pool", "forward: ours bev_pool", med, best, floor_ms(moved_fwd, bandwidth),
+                    f"{num_points} frustum points in {occupied} cells", stats))
     rows.append(Row("bev_pool", name, med_t, best_t, floor_ms(moved_fwd, bandwidth),
                     f"max |ours - theirs| = {error:.2e}; ours is {med_t / med:.1f}x faster (median)",
                     {"max_abs_diff": error, "speedup": med_t / med}))
@@ -449,6 +470,7 @@ def bench_bev_pool(device: str, repeats: int, bandwidth: float, cuda_mods, chann
     grad_out = torch.randn(1, channels, 1, cells, cells, generator=generator).to(device)
 
     def ours_backward():
+        feats_grad.grad = None
         out = bev_pool(feats_grad, coords32, 1, (1, cells, cells))
         out.backward(grad_out)
 
@@ -477,20 +499,28 @@ def bench_scatter(device: str, repeats: int, bandwidth: float, channels: int = 3
     backends = ["torch"] + (["torch_scatter"] if torch_scatter_available() else [])
     stats = {"points": feats.shape[0], "segments": segments, "channels": channels}
     moved = feats.shape[0] * (channels * 4 + 8) + segments * channels * 4
+    leaf = feats.clone().requires_grad_(True)
+    grad = torch.randn(segments, channels, device=device)
+
+    def forward(reduce, backend):
+        return lambda: scatter_reduce(feats, index, segments, reduce, backend=backend)
+
+    def forward_backward(reduce, backend):
+        def run():
+            leaf.grad = None
+            scatter_reduce(leaf, index, segments, reduce, backend=backend).backward(grad)
+        return run
+
     for reduce in ("sum", "mean", "max"):
-        results = {}
+        results = {backend: scatter_reduce(feats, index, segments, reduce, backend=backend) for backend in backends}
+        fns = {}
         for backend in backends:
-            out = scatter_reduce(feats, index, segments, reduce, backend=backend)
-            results[backend] = out
-            med, best = timed(lambda: scatter_reduce(feats, index, segments, reduce, backend=backend), device,
-                              repeats)
-            leaf = feats.clone().requires_grad_(True)
-            grad = torch.randn_like(out)
-
-            def forward_backward():
-                scatter_reduce(leaf, index, segments, reduce, backend=backend).backward(grad)
-
-            med_b, best_b = timed(forward_backward, device, repeats)
+            fns[(backend, "fwd")] = forward(reduce, backend)
+            fns[(backend, "fwd+bwd")] = forward_backward(reduce, backend)
+        times = timed_together(fns, device, repeats)
+        for backend in backends:
+            med, best = times[(backend, "fwd")]
+            med_b, _ = times[(backend, "fwd+bwd")]
             rows.append(Row("scatter", f"{reduce}: {backend}", med, best, floor_ms(moved, bandwidth),
                             f"forward + backward {med_b:.2f} ms (median)",
                             dict(stats, fwd_bwd_median_ms=med_b, backend=backend, reduce=reduce)))
@@ -507,7 +537,7 @@ def scatter_decision(rows: list[Row], device: str) -> str:
             backend = row.extra["backend"]
             totals[backend] = totals.get(backend, 0.0) + row.median_ms + row.extra["fwd_bwd_median_ms"]
     if not totals:
-        return "scatter: not measured"
+        return ""
     winner = min(totals, key=totals.get)
     summary = ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(totals.items()))
     return (f"scatter backend on {device}: summed medians (fwd and fwd+bwd, sum/mean/max): {summary} -> faster: "
@@ -554,7 +584,8 @@ def main(argv: list[str]) -> int:
         floor = f"{row.floor_ms:9.3f}" if row.floor_ms is not None else f"{'-':>9s}"
         print(f"  {row.name:58s} {row.median_ms:10.3f} {row.min_ms:9.3f} {floor}  {row.note}")
     decision = scatter_decision(rows, args.device)
-    print("\n" + decision)
+    if decision:
+        print("\n" + decision)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": args.device, "machine": machine, "bandwidth_bytes_per_s": bandwidth,
