@@ -81,7 +81,8 @@ def run_variant(args, variant: str) -> dict:
         print(f"{variant}: results exist in {folder}, skipping")
         return json.loads(summary_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    configs = ["--config", args.config] + (["--config", overlay(args.config, variant)] if variant != "fused" else [])
+    extra = overlay(args.config, variant)
+    configs = ["--config", args.config] + (["--config", extra] if extra is not None else [])
     started = time.time()
     run([sys.executable, "tools/train.py", "fit", *configs, "--data.dataroot", args.data,
          "--data.cache_dir", args.data / "cache", "--seed_everything", args.seed,

@@ -23,6 +23,7 @@ from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import HeadOutput
 from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
 
+
 def _relevant_attribute_table() -> Tensor:
     mask = torch.zeros(len(DETECTION_CLASSES), len(ATTRIBUTES), dtype=torch.bool)
     for c, name in enumerate(DETECTION_CLASSES):
