@@ -3,7 +3,9 @@
 1. Backward. spconv's ops ask `torch.cuda.current_stream()` for a stream handle even for CPU tensors, which fails on a
    CPU-only torch ("Torch not compiled with CUDA enabled", traveller59/spconv#366). `patch_spconv_cpu()` replaces
    `get_current_stream` in every spconv module that imported it with one that returns 0 (the null stream, ignored by
-   the CPU kernels) when CUDA is unavailable. It is applied on import of this module and is idempotent.
+   the CPU kernels) when CUDA is unavailable. Importing this module changes nothing in spconv: the patch is applied
+   explicitly, before first use, by `SingleThreadSparse.__init__` (every sparse module of the project is wrapped in
+   one), or by calling `patch_spconv_cpu()` before running a bare spconv module. It is idempotent.
 
 2. Threads. spconv's CPU kernels give wrong forward results and gradients (errors of order 0.1-1, in most runs on a
    2-core machine) when torch runs more than one intra-op thread; with one thread they match a dense conv3d to
@@ -59,8 +61,6 @@ def spconv_cpu_patched() -> bool:
     return all(getattr(module, "get_current_stream", None) is not _ORIGINAL_GET_CURRENT_STREAM
                for name, module in list(sys.modules.items()) if name.startswith("spconv") and module is not None)
 
-
-patch_spconv_cpu()
 
 
 @contextlib.contextmanager
@@ -142,10 +142,12 @@ class _SingleThreadInBackward(torch.autograd.Function):
 
 class SingleThreadSparse(torch.nn.Module):
     """Wraps a spconv module (SparseConvTensor -> SparseConvTensor) so that on CPU its forward and backward run on
-    one torch thread (see the module docstring); the thread count is restored after each."""
+    one torch thread (see the module docstring); the thread count is restored after each. Building one applies
+    `patch_spconv_cpu()` (before the module's first use), so its backward also works without CUDA."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
+        patch_spconv_cpu()
         self.module = module
 
     def forward(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
