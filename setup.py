@@ -15,7 +15,9 @@ from setuptools import setup
 PACKAGES = {
     "fusion": "fusion",
     "fusion.branches": "fusion/branches",
+    "fusion.evaluation": "fusion/evaluation",
     "fusion.heads": "fusion/heads",
+    "fusion.replay": "fusion/replay",
     "fusion.datasets": "datasets",
     "fusion.datasets.synthetic": "datasets/synthetic",
     "fusion.cuda_ops": "cuda_ops",

@@ -189,34 +189,6 @@ class FusionDataModule(pl.LightningDataModule):
             **{**self.reader_options(train), **reader_overrides},
         )
 
-    @classmethod
-    def for_model(cls, model, dataroot: str, version: str, split: str | None = None, checkpoint: str | None = None,
-                  config: str | None = None, **overrides) -> "FusionDataModule":
-        """The data settings a model was trained with, for (another) dataroot / version / split, on the model's grid
-        and modalities: from the checkpoint's saved data-module hyper-parameters when it has them, else from the
-        YAML config's `data:` section. `overrides` (e.g. num_workers, val_batch_size) win."""
-        import yaml
-
-        settings: dict = {}
-        if checkpoint is not None:
-            from fusion.checkpoints import load_checkpoint
-            settings = dict(load_checkpoint(checkpoint).get("datamodule_hyper_parameters") or {})
-        if not settings and config is not None:
-            with open(config) as handle:
-                settings = dict((yaml.safe_load(handle) or {}).get("data") or {})
-        if not settings:
-            raise ValueError(f"no data settings: {checkpoint or '(no checkpoint)'} has no datamodule hyper-parameters "
-                             "and no config with a data: section was given")
-        settings = {k: v for k, v in settings.items() if not k.startswith("_") and k not in (
-            "grid", "modalities", "dataroot", "version", "train_split", "val_split", "test_split")}
-        if split is not None:
-            settings.update(train_split=split, val_split=split, test_split=split)
-        try:
-            return cls(dataroot=str(dataroot), version=version, grid=model.grid, modalities=list(model.modalities),
-                       **{**settings, **overrides})
-        except TypeError as error:
-            raise ValueError(f"the saved data settings do not fit FusionDataModule: {error}") from error
-
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": [("train", self.train_split, True), ("val", self.val_split, False)],
                   "validate": [("val", self.val_split, False)],

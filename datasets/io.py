@@ -1,8 +1,9 @@
 """Parsers for nuScenes sensor files: LiDAR `.pcd.bin`, radar `.pcd` (v0.7 binary) and camera JPEGs.
 
 Every parser takes a path and returns numpy arrays in the SENSOR frame, exactly as stored; bringing them into the
-ego frame is the sample builder's job (fusion.datasets.nuscenes). Bad input raises FileNotFoundError / ValueError
-whose message names the file; nothing is silently repaired. None of these functions needs a NuScenes object.
+ego frame is the sample builder's job (fusion.datasets.sample_builder). Bad input raises FileNotFoundError /
+ValueError whose message names the file; nothing is silently repaired. None of these functions needs a NuScenes
+object.
 """
 from __future__ import annotations
 

@@ -18,11 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fusion.datasets.io import scale_intrinsics
-from fusion.grid import BEVGrid
+from fusion.grid import BEVGrid, planar_transform
 from fusion.types import Boxes, EgoState, Sample
 
 
@@ -96,11 +95,8 @@ def _transform_boxes(boxes: Boxes, matrix: np.ndarray) -> Boxes:
 
 def _resample_map(raster: torch.Tensor, matrix: np.ndarray, grid: BEVGrid) -> torch.Tensor:
     """New raster [1, H, W] whose value at each cell centre q is the old raster at A^-1 q (nearest, 0 outside)."""
-    inverse = np.linalg.inv(matrix)
-    centers = grid.cell_centers(dtype=torch.float64).reshape(-1, 2)
-    source = centers @ torch.from_numpy(inverse[:2, :2]).T + torch.from_numpy(inverse[:2, 3])
-    normalized = grid.to_normalized(source).reshape(1, grid.height, grid.width, 2).to(raster.dtype)
-    return F.grid_sample(raster[None], normalized, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+    inverse = planar_transform(torch.from_numpy(np.linalg.inv(matrix)))
+    return grid.warp(raster[None], inverse, mode="nearest")[0][0]
 
 
 def apply_bev_augmentation(sample: Sample, matrix: np.ndarray, grid: BEVGrid | None = None) -> Sample:

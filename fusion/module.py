@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import asdict, is_dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
@@ -86,7 +85,7 @@ class TemporalFusion(nn.Module):
 
     It remembers, per scene (at most `max_scenes`, least recently used dropped), the last fused BEV (detached), its
     ego_to_global pose and timestamp. For a sample whose scene has a remembered BEV that is older by more than 0 and
-    at most `max_gap_s` seconds, that BEV is warped into the current ego frame by the GPS branch's TemporalAligner
+    at most `max_gap_s` seconds, that BEV is warped into the current ego frame by fusion.temporal.TemporalAligner
     (ego poses, grid_sample on the shared grid) and added as
         fused + valid * conv([fused, warped])
     where valid [B, 1, H, W] is 1 only on cells the warp could fill for samples that have a history. Samples and
@@ -98,7 +97,7 @@ class TemporalFusion(nn.Module):
 
     def __init__(self, grid: BEVGrid, channels: int, max_gap_s: float = 0.75, max_scenes: int = 64):
         super().__init__()
-        from fusion.branches.gps import TemporalAligner
+        from fusion.temporal import TemporalAligner
 
         self.aligner = TemporalAligner(grid)
         self.max_gap_us = int(max_gap_s * 1e6)
@@ -154,7 +153,7 @@ class FusionDetector(pl.LightningModule):
         modality_dropout: training-time probability of removing each present modality of each sample (never all of
             a sample's modalities); 0 disables it.
         temporal_fusion: fuse the previous keyframe's fused BEV of the same scene, warped into the current ego
-            frame by the ego poses (fusion.branches.gps.TemporalAligner); see `TemporalFusion`.
+            frame by the ego poses (fusion.temporal.TemporalAligner); see `TemporalFusion`.
         temporal_max_gap_s: the previous keyframe is used only if it is at most this much older.
         lr / weight_decay: AdamW (no weight decay on biases and norm parameters).
         scheduler: "onecycle" (OneCycleLR over all training steps), "cosine" (linear warm-up then cosine decay to
@@ -256,18 +255,22 @@ class FusionDetector(pl.LightningModule):
         return output, attention
 
     @torch.no_grad()
-    def predict_boxes(self, batch: Batch, score_threshold: float | None = None) -> list[Boxes]:
-        """Detections per sample (ego frame, best first, at most max_boxes each) in eval mode; used by evaluation
-        and replay. The batch is moved to the module's device; the boxes come back on it."""
+    def predict(self, batch: Batch, score_threshold: float | None = None) -> tuple[list[Boxes], FusionAttention]:
+        """(detections per sample (ego frame, best first, at most max_boxes each), the fuser's attention weights of
+        this batch) in eval mode; used by replay. The batch is moved to the module's device; results stay on it."""
         was_training = self.training
         self.eval()
         try:
-            output, _ = self(batch.to(self.device))
+            output, attention = self(batch.to(self.device))
         finally:
             self.train(was_training)
         threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
         return decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
-                            self.hparams.get("pool_size", 3))
+                            self.hparams.get("pool_size", 3)), attention
+
+    def predict_boxes(self, batch: Batch, score_threshold: float | None = None) -> list[Boxes]:
+        """The detections of `predict` only; used by evaluation."""
+        return self.predict(batch, score_threshold)[0]
 
     def contribution_maps(self) -> Tensor:
         """[B, M, H, W] per-modality share of the attention for the last batch (order: `last_attention.modalities`)."""
@@ -394,66 +397,3 @@ class FusionCLI(LightningCLI):
         parser.link_arguments("model.grid", "data.grid")
         parser.link_arguments(("model.branches", "model.modalities"), "data.modalities",
                               compute_fn=branch_modalities)
-
-
-def _merge(base: Any, override: Any) -> Any:
-    """Deep merge of parsed YAML: dicts merge key by key, anything else is replaced (as several --config do)."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = _merge(base[key], value) if key in base else value
-        return merged
-    return override
-
-
-def load_detector(config: str | Path | list[str | Path] | None, checkpoint: str | Path | None = None,
-                  map_location: str = "cpu") -> FusionDetector:
-    """Build a FusionDetector and, if given, load a Lightning checkpoint's weights with torch.load(weights_only=True).
-
-    The model is built from the checkpoint's saved model hyper-parameters when it has them (Lightning's CLI saves
-    them as plain values, command-line overrides included: they describe what was trained); otherwise from
-    `config`: a YAML file, or several merged in order like repeated `--config` (e.g. tiny_cpu.yaml then an ablation
-    overlay), whose `model:` sections describe the model."""
-    import warnings
-
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    from fusion.checkpoints import load_checkpoint
-
-    checkpoint_state = load_checkpoint(checkpoint, map_location) if checkpoint is not None else None
-    saved = (checkpoint_state or {}).get("hyper_parameters") or {}
-    if "branches" in saved and "grid" in saved:
-        section = {k: v for k, v in saved.items() if not k.startswith("_")}
-        source = f"the hyper-parameters saved in {checkpoint}"
-    elif config is not None:
-        section = {}
-        for path in [config] if isinstance(config, (str, Path)) else list(config):
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
-            with open(path) as f:
-                document = yaml.safe_load(f)
-            if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
-                raise ValueError(f"{path} has no 'model:' section")
-            section = _merge(section, document["model"])
-        source = str(config)
-    else:
-        raise ValueError(f"load_detector: {checkpoint} has no saved model hyper-parameters and no config was given; "
-                         "pass the YAML config the model was trained with")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(FusionDetector, "model", fail_untyped=False)
-    try:
-        parsed = parser.parse_object({"model": section})
-        with warnings.catch_warnings():  # Lightning notes that the loss module is an hparam; it is, by design
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            model = parser.instantiate(parsed).model
-    except Exception as error:
-        raise ValueError(f"cannot build the model from {source}: {error}") from error
-    if checkpoint_state is not None:
-        state_dict = checkpoint_state.get("state_dict", checkpoint_state)
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as error:
-            raise ValueError(f"{checkpoint} does not fit the model built from {source}: {error}") from error
-    return model

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion.datasets.nuscenes import CanState, SampleBuilder, SensorMessage, can_state_at
+from fusion.datasets.can_bus import CanState, can_state_at
+from fusion.datasets.sample_builder import SampleBuilder, SensorMessage
 from fusion.geometry import make_transform
 from fusion.grid import BEVGrid
 from fusion.types import CAMERA_NAMES, DETECTION_CLASSES, LIDAR_NAME, NO_ATTRIBUTE, Boxes, Sample

@@ -11,11 +11,13 @@ import torch
 
 from fusion.branches.camera import CameraBranch
 from fusion.branches.common import PillarEncoder
-from fusion.branches.gps import GpsBranch, TemporalAligner, perturb_gps
+from fusion.branches.gps import GpsBranch
 from fusion.branches.lidar import LidarBranch, LidarPillarBranch, _normalised_lidar_features
 from fusion.branches.radar import RadarBranch
 from fusion.datasets.collate import collate_samples
+from fusion.datasets.gps_noise import perturb_gps
 from fusion.grid import BEVGrid
+from fusion.temporal import TemporalAligner
 from fusion.types import CAMERA_NAMES, Boxes, CameraImages, EgoState, Sample
 
 # A small non-square grid: 32 columns (x) by 24 rows (y), 0.8 m cells.
@@ -350,7 +352,11 @@ def _point_features(branch, points):
 def test_perturb_gps_moves_the_map_like_a_pose_error():
     """With a pose error of +1 cell in x the map seen at ego point p is the true map at p + (cell, 0): the raster
     moves one column towards -x; with yaw +90 degrees on a square grid centred on the ego it is rotated by 90."""
-    from fusion.branches.gps import _shift_map_raster
+    from fusion.grid import rigid_2d
+
+    def _shift_map_raster(raster, grid, yaw, translation):  # how perturb_gps moves the map by a pose error
+        return grid.warp(raster, rigid_2d(yaw, translation), mode="bilinear")[0]
+
     grid = BEVGrid(-4.0, 4.0, -4.0, 4.0, -5.0, 3.0, 1.0)
     raster = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     moved = _shift_map_raster(raster, grid, yaw=torch.zeros(2), translation=torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
@@ -461,7 +467,7 @@ def test_bad_branch_options_raise_clear_errors():
 
 @pytest.fixture(scope="module")
 def real_sample():
-    from fusion.datasets.real_frame import load_real_frame, real_data_root
+    from real_frame import load_real_frame, real_data_root
     from fusion.datasets.transforms import ImageResizeCrop
     if real_data_root() is None:
         pytest.skip("real nuScenes files not found: set NUSCENES_REAL or provide ../shared/nuscenes-real")
@@ -604,3 +610,22 @@ def test_synthetic_drive_runs_through_every_branch(synthetic_batch):
         out.square().mean().backward()
         for name, parameter in branch.named_parameters():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+# --- the branch interface (fusion/branches/base.py) ----------------------------------------------------------------
+
+def test_every_branch_follows_the_branch_protocol():
+    from fusion.branches.base import BATCH_FIELDS, Branch
+    from fusion.branches.camera import CameraBranch
+    from fusion.branches.gps import GpsBranch
+    from fusion.branches.lidar import LidarPillarBranch
+    from fusion.branches.radar import RadarBranch
+    from fusion.types import MODALITIES, Batch
+
+    grid = BEVGrid(-8.0, 8.0, -8.0, 8.0, -3.0, 3.0, 1.0)
+    for cls in (CameraBranch, LidarPillarBranch, RadarBranch, GpsBranch):
+        branch = cls(grid)
+        assert isinstance(branch, Branch), cls.__name__
+        assert branch.modality in MODALITIES and isinstance(branch.out_channels, int)
+        assert set(BATCH_FIELDS[branch.modality]) <= set(Batch.__dataclass_fields__)
+    assert set(BATCH_FIELDS) == set(MODALITIES)

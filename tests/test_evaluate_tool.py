@@ -15,11 +15,9 @@ import pytest
 import torch
 import yaml
 
-from fusion.checkpoints import atomic_torch_save
+from fusion.checkpoints import atomic_torch_save, load_run
 from fusion.evaluation import (ground_truth_submission, keyframe_ego_poses, load_nuscenes, split_sample_tokens,
                                validate_submission, write_submission)
-from fusion.datasets.datamodule import FusionDataModule
-from fusion.module import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +49,7 @@ def model_files(tiny_dataroot, tmp_path_factory):
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     torch.manual_seed(0)
-    model = load_detector(config_path)
+    model = load_run(config=config_path).model
     checkpoint = folder / "fresh.ckpt"
     hyper_parameters = {**config["model"], "_instantiator": "lightning.pytorch.cli.instantiate_module"}
     atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters},
@@ -161,10 +159,8 @@ def test_bad_arguments_are_named(tiny_dataroot, model_files, tmp_path):
 def test_lidar_thinning_loader_drops_rings(tiny_dataroot, model_files):
     config, checkpoint = model_files
     tool = load_tool()
-    model = load_detector(config)
-    datamodule = FusionDataModule.for_model(model, tiny_dataroot.dataroot, tiny_dataroot.version,
-                                            tiny_dataroot.val_split, checkpoint, config, val_batch_size=2,
-                                            num_workers=0)
+    datamodule = load_run(checkpoint, config, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version,
+                          split=tiny_dataroot.val_split, val_batch_size=2, num_workers=0).data
     full = next(iter(tool.condition_loader(datamodule, tiny_dataroot.val_split)))
     thinned_loader = tool.condition_loader(datamodule, tiny_dataroot.val_split, lidar_keep_rings=4)
     thinned = next(iter(thinned_loader))

@@ -17,11 +17,12 @@ from fusion.branches.camera import CameraBranch
 from fusion.branches.gps import GpsBranch
 from fusion.branches.lidar import LidarPillarBranch
 from fusion.branches.radar import RadarBranch
+from fusion.checkpoints import load_run
 from fusion.datasets.collate import collate_samples
 from fusion.fuser import DeformableFuser
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead
-from fusion.module import FusionDetector, drop_modalities, load_detector
+from fusion.module import FusionDetector, drop_modalities
 from fusion.types import CAMERA_NAMES, MODALITIES, Boxes, CameraImages, EgoState, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,25 +335,26 @@ def test_lightning_fit_validate_and_weights_only_checkpoint(tmp_path):
     assert sum(len(b) for b in expected) > 0
     overlay = tmp_path / "only_lidar.yaml"
     overlay.write_text("model:\n  modalities: [lidar]\n")
-    for restored in (load_detector(config, checkpoint), load_detector(None, checkpoint)):
+    for restored in (load_run(checkpoint, config).model, load_run(checkpoint).model):
         got = restored.predict_boxes(batch)
         for a, b in zip(expected, got):
             assert len(a) == len(b) and torch.allclose(a.center, b.center) and torch.equal(a.labels, b.labels)
-    assert list(load_detector([config, overlay]).branches) == ["lidar"]  # overlays merge like repeated --config
+    # overlays merge like repeated --config
+    assert list(load_run(config=[config, overlay]).model.branches) == ["lidar"]
     bare = tmp_path / "bare.ckpt"  # weights only, no saved model settings: the config describes the model
     torch.save({"state_dict": state["state_dict"]}, bare)
-    assert list(load_detector(config, bare).branches) == list(model.branches)
+    assert list(load_run(bare, config).model.branches) == list(model.branches)
     with pytest.raises(ValueError, match="bare.ckpt"):  # the lidar-only model does not fit those weights
-        load_detector([config, overlay], bare)
+        load_run(bare, [config, overlay])
 
 
-def test_load_detector_errors_name_the_file(tmp_path):
+def test_load_run_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        load_detector(tmp_path / "nope.yaml")
+        load_run(config=tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {}\n")
     with pytest.raises(ValueError, match="bad.yaml"):
-        load_detector(bad)
+        load_run(config=bad)
     with pytest.raises(ValueError, match="modality"):
         FusionDetector(GRID, [BRANCHES["lidar"], BRANCHES["lidar"]])
 
@@ -420,10 +422,7 @@ def test_real_scene_0061_frame_runs_through_the_full_model():
     root = _real_root()
     if root is None:
         pytest.skip("real nuScenes files not found: set NUSCENES_REAL or provide ../shared/nuscenes-real")
-    try:
-        from fusion.datasets import real_frame
-    except ImportError as error:
-        pytest.skip(f"fusion.datasets.real_frame is not available yet ({error})")
+    import real_frame  # tests/real_frame.py
     from fusion.datasets.transforms import ImageResizeCrop
 
     grid = BEVGrid(-51.2, 51.2, -51.2, 51.2, -5.0, 3.0, cell_size=1.6)

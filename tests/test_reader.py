@@ -16,6 +16,7 @@ from PIL import Image
 from pyquaternion import Quaternion
 
 from fusion.datasets import nuscenes as reader
+from fusion.datasets import nuscenes_index
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.io import RADAR_PCD_FIELDS, write_radar_pcd
 from fusion.datasets.nuscenes import (DETECTION_EVAL_RANGE, CanState, NuScenesDataset, SampleBuilder, SensorMessage,
@@ -271,7 +272,8 @@ def test_ground_truth_conversion_follows_the_devkit_rules():
             annotation("cone", "movable_object.trafficcone", (101, 201, 0.3), lidar=0),
             annotation("animal", "animal", (105, 205, 0.3))]
     nusc = FakeTables(rows, {"bike_out": (3.0, 4.0, 0.0)})
-    columns = reader._ground_truth(nusc, {"anns": [r["token"] for r in rows]}, ego, {"a1": "cycle.without_rider"})
+    columns = nuscenes_index._ground_truth(nusc, {"anns": [r["token"] for r in rows]}, ego,
+                                           {"a1": "cycle.without_rider"})
     names = [DETECTION_CLASSES[label] for label in columns["label"]]
     assert names == ["bicycle", "bicycle", "car", "traffic_cone"]                  # rack and animal are not classes
     assert columns["bike_rack"] == [True, False, False, False]                     # only cycles inside a rack
@@ -285,7 +287,7 @@ def test_ground_truth_conversion_follows_the_devkit_rules():
     assert columns["dist"][1] == pytest.approx(20.0) and columns["lidar"][3] == 0
     rows[1]["attribute_tokens"] = ["a1", "a1"]
     with pytest.raises(ValueError, match="bike_in"):
-        reader._ground_truth(nusc, {"anns": ["bike_in"]}, ego, {"a1": "cycle.without_rider"})
+        nuscenes_index._ground_truth(nusc, {"anns": ["bike_in"]}, ego, {"a1": "cycle.without_rider"})
 
 
 def test_dataroot_without_version_folder_is_a_clear_error(tmp_path):

@@ -8,7 +8,7 @@ from nuscenes.utils.data_classes import LidarPointCloud, RadarPointCloud
 
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.io import RadarFilters, read_jpeg, read_lidar_bin, read_radar_pcd
-from fusion.datasets.real_frame import REAL_CALIB_JSON, load_real_frame, real_data_root, real_frame_messages
+from real_frame import REAL_CALIB_JSON, load_real_frame, real_data_root, real_frame_messages
 from fusion.types import CAMERA_NAMES, DETECTION_CLASSES, LIDAR_NAME, RADAR_NAMES
 
 pytestmark = pytest.mark.real_data

@@ -22,10 +22,10 @@ from nuscenes.can_bus.can_bus_api import NuScenesCanBus
 from nuscenes.nuscenes import NuScenes
 from PIL import Image
 
-from fusion.datasets.nuscenes import can_state_at
+from fusion.datasets.can_bus import can_state_at
 from fusion.geometry import invert_transform, make_transform, matrix_to_quaternion
 from fusion.datasets.datamodule import FusionDataModule
-from fusion.module import load_detector
+from fusion.checkpoints import load_run
 from fusion.replay import (COUNT_KEYS, GifStreamWriter, LatencyHistogram, PlaybackClock, SceneSource, SyncPolicy,
                            VideoSink, engine_for_scene, run_replay)
 from fusion.types import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, Boxes
@@ -57,11 +57,9 @@ def nusc(tiny_dataroot):
 def tiny(tiny_dataroot):
     """A freshly initialised tiny_cpu model and its data module (the config's data settings)."""
     torch.manual_seed(0)
-    model = load_detector(CONFIG).eval()
     # cache_dir=None: the config's cache folder is relative to the working directory; keep tests out of it
-    data = FusionDataModule.for_model(model, str(tiny_dataroot.dataroot), tiny_dataroot.version, config=CONFIG,
-                                      cache_dir=None)
-    return model, data
+    run = load_run(config=CONFIG, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version, cache_dir=None)
+    return run.model.eval(), run.data
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +98,7 @@ class StubDetector:
         self.present: list[dict[str, bool]] = []
         self.camera_valid: list[list[bool]] = []
 
-    def predict_boxes(self, batch):
+    def predict(self, batch):
         self.present.append({m: bool(v[0]) for m, v in batch.present.items()})
         self.camera_valid.append(batch.cameras.valid[0].tolist() if batch.cameras is not None else [])
         if self.clock is not None:
@@ -111,7 +109,7 @@ class StubDetector:
                     yaw=torch.tensor([0.4]), velocity=torch.tensor([[2.0, 0.5]]), labels=torch.tensor([0]),
                     attributes=torch.tensor([0]), scores=torch.tensor([0.9]),
                     num_lidar_pts=torch.tensor([-1]), num_radar_pts=torch.tensor([-1]))
-        return [box]
+        return [box], None  # (boxes, no attention weights)
 
 
 def channel_chain(nusc, scene_name: str, channel: str) -> list[dict]:

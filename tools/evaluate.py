@@ -101,17 +101,15 @@ def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> di
     from fusion.evaluation import (GpsNoise, RobustnessRow, format_robustness_table, robustness_conditions,
                                    summary_scalars)
 
-    from fusion.datasets.datamodule import FusionDataModule
-    from fusion.module import load_detector
+    from fusion.checkpoints import load_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_detector(args.config, args.checkpoint).to(device).eval()
-    if args.score_threshold is not None:
-        model.hparams["score_threshold"] = args.score_threshold
-    overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
-                 if v is not None}
-    datamodule = FusionDataModule.for_model(model, args.dataroot, args.version, args.split, args.checkpoint,
-                                            args.config, **overrides)
+    model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+    data_overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
+                      if v is not None}
+    run = load_run(args.checkpoint, args.config, dataroot=args.dataroot, version=args.version, split=args.split,
+                   model_overrides=model_overrides, **data_overrides)
+    model, datamodule = run.model.to(device).eval(), run.data
 
     def loader(condition):
         return condition_loader(datamodule, args.split, condition.lidar_keep_rings)

@@ -133,20 +133,20 @@ def step_picture(args, generated, checkpoint: Path, out: Path) -> list[Path]:
     import torch
 
     from fusion.datasets.collate import collate_samples
-    from fusion.datasets.datamodule import FusionDataModule
+    from fusion.checkpoints import load_run
+    from fusion.fuser import contribution_maps
     from fusion.grid import BEVGrid
-    from fusion.module import load_detector
     from fusion.visualization import render_bev, render_cameras, render_contributions, side_by_side
 
     print(f"[main] 4/5 pictures of one {generated.val_split} sample")
-    model = load_detector(None, checkpoint).eval()
-    data = FusionDataModule.for_model(model, args.data, generated.version, generated.val_split, checkpoint,
-                                      num_workers=0)
+    run = load_run(checkpoint, dataroot=args.data, version=generated.version, split=generated.val_split,
+                   num_workers=0)
+    model, data = run.model.eval(), run.data
     dataset = data.make_dataset(generated.val_split, train=False)
     sample = dataset[0]
     with torch.no_grad():
-        boxes = model.predict_boxes(collate_samples([sample]))[0]
-        contributions = model.contribution_maps()[0]
+        boxes, attention = model.predict(collate_samples([sample]))
+        boxes, contributions = boxes[0], contribution_maps(attention)[0]
 
     # The ego trajectory of the scene (its keyframe poses), in this sample's ego frame.
     global_to_ego = np.linalg.inv(sample.ego.ego_to_global.numpy())

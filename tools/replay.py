@@ -98,26 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class _Thresholded:
-    """The detector with a fixed decoding threshold (predict_boxes(batch, score_threshold))."""
-
-    def __init__(self, model, threshold: float):
-        self.model, self.threshold = model, threshold
-
-    def predict_boxes(self, batch):
-        return self.model.predict_boxes(batch, score_threshold=self.threshold)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from nuscenes.nuscenes import NuScenes
 
-    from fusion.datasets.datamodule import FusionDataModule
-    from fusion.module import load_detector
+    from fusion.checkpoints import load_run
     from fusion.replay import SyncPolicy, engine_for_scene, first_scene_of_split, run_replay
 
     try:
@@ -126,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--dataroot {dataroot} has no table folder {args.version!r}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
-        model = load_detector(args.config, checkpoint).to(device).eval()
+        model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+        run = load_run(checkpoint, args.config, dataroot=dataroot, version=args.version,
+                       model_overrides=model_overrides)
+        model, data = run.model.to(device).eval(), run.data
         if model.temporal is not None:
             model.temporal.reset()
-        data = FusionDataModule.for_model(model, str(dataroot), args.version, checkpoint=checkpoint,
-                                          config=args.config)
         nusc = NuScenes(version=args.version, dataroot=str(dataroot), verbose=False)
         scene = args.scene or first_scene_of_split(nusc, args.split)
         policy = SyncPolicy(
@@ -141,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             (data.radar_sweeps if "radar" in data.modalities else 1),
             camera_tolerance_s=args.camera_tolerance_ms / 1e3, radar_tolerance_s=args.radar_tolerance_ms / 1e3,
             wait_s=args.sync_wait_ms / 1e3, max_sweep_age_s=args.max_age_ms / 1e3)
-        detector = model if args.score_threshold is None else _Thresholded(model, args.score_threshold)
-        engine = engine_for_scene(nusc, scene, detector, data, policy, rate=args.rate,
+        engine = engine_for_scene(nusc, scene, model, data, policy, rate=args.rate,
                                   max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -31,7 +31,8 @@ import torch
 
 from fusion.datasets.collate import collate_samples
 from fusion.grid import BEVGrid
-from fusion.module import FusionDetector, load_detector
+from fusion.checkpoints import load_run
+from fusion.module import FusionDetector
 from fusion.types import CAMERA_NAMES, Boxes, CameraImages, EgoState, Sample
 
 
@@ -39,12 +40,12 @@ from fusion.types import CAMERA_NAMES, Boxes, CameraImages, EgoState, Sample
 def _merged_config(paths: list[str]) -> dict:
     import yaml
 
-    from fusion.module import _merge
+    from fusion.checkpoints import merge_config
 
     merged: dict = {}
     for path in paths:
         with open(path) as f:
-            merged = _merge(merged, yaml.safe_load(f) or {})
+            merged = merge_config(merged, yaml.safe_load(f) or {})
     return merged
 
 
@@ -262,7 +263,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = _merged_config(args.config)
-    model = load_detector(args.config)
+    model = load_run(config=args.config).model
     samples, source, loading = load_samples(config, model, args.samples, args.dataroot)
     parameters = sum(p.numel() for p in model.parameters())
     results: dict = {"config": args.config, "device": args.device, "samples": source, "parameters": parameters,

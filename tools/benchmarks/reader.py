@@ -24,8 +24,17 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
+
+
+def _real_root() -> Path:
+    """The real nuScenes files (their radar_split_unknown/ .pcd files are timed too): $NUSCENES_REAL, else
+    ../shared/nuscenes-real next to the repository (when it does not exist, no real files are timed)."""
+    if os.environ.get("NUSCENES_REAL"):
+        return Path(os.environ["NUSCENES_REAL"])
+    return Path(__file__).resolve().parents[2].parent / "shared" / "nuscenes-real"
 
 
 def _median_ms(values: list[float]) -> float:
@@ -101,9 +110,7 @@ def main(argv: list[str]) -> int:
 
     timings: dict[str, dict[str, list]] = {k: {"devkit": [], "ours": []} for k in ("lidar", "radar_file",
                                                                                     "radar_sweeps", "radar_real")}
-    from fusion.datasets.real_frame import real_data_root
-    real_root = real_data_root()
-    real_radar = sorted(str(p) for p in (real_root / "radar_split_unknown").glob("*/*.pcd")) if real_root else []
+    real_radar = sorted(str(p) for p in (_real_root() / "radar_split_unknown").glob("*/*.pcd"))
     for path in real_radar:
         if not np.array_equal(read_radar_pcd(path, RadarFilters()).T, RadarPointCloud.from_file(path).points):
             raise SystemExit(f"{path}: our radar parse differs from the devkit's")

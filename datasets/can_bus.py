@@ -1,0 +1,165 @@
+"""The CAN bus: nuScenes CAN messages (pose, ms_imu, vehicle_monitor) -> the ego's `CanState` at a timestamp.
+
+Reads a scene's messages through the devkit's NuScenesCanBus (`open_can_bus`, `scene_can_messages`) and
+interpolates speed (m/s, forward), yaw rate (rad/s, counter-clockwise) and acceleration (m/s^2, ego frame) at a
+keyframe (`can_state_at`). `CAN_KEYS` / `can_message_problem` say what a usable message carries (replay checks each
+message it receives against them).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+#: Longest gap (seconds) between the two CAN messages around a keyframe that still counts as data, per message type.
+CAN_MAX_GAP_S: dict[str, float] = {"pose": 0.2, "ms_imu": 0.2, "vehicle_monitor": 1.2}
+#: CAN bus message types read, and the keys each must carry (those can_state_at reads).
+CAN_KINDS: tuple[str, ...] = ("pose", "ms_imu", "vehicle_monitor")
+CAN_KEYS: dict[str, tuple[str, ...]] = {"pose": ("vel", "accel", "rotation_rate"),
+                                        "ms_imu": ("linear_accel", "rotation_rate"),
+                                        "vehicle_monitor": ("vehicle_speed", "yaw_rate")}
+
+
+
+@dataclass(frozen=True)
+class CanState:
+    """CAN bus state at a keyframe. speed m/s (forward), yaw_rate rad/s (counter-clockwise), acceleration [3] m/s^2
+    in the ego frame. valid=False (values NaN) when there is no data; `reason` says why."""
+
+    speed: float = float("nan")
+    yaw_rate: float = float("nan")
+    acceleration: tuple[float, float, float] = (float("nan"),) * 3
+    valid: bool = False
+    reason: str = ""
+
+    @staticmethod
+    def absent(reason: str) -> "CanState":
+        return CanState(reason=reason)
+
+
+def _interpolate_messages(messages: Sequence[dict], key: str, timestamp_us: int, max_gap_s: float) -> np.ndarray | None:
+    """Value of `key` (scalar or vector) linearly interpolated at `timestamp_us` between the two messages around it,
+    or None when they are more than `max_gap_s` apart (or, outside the messages' span, the nearest one is more than
+    max_gap_s / 2 away)."""
+    if not messages:
+        return None
+    times = np.array([m["utime"] for m in messages], dtype=np.int64)
+    order = np.argsort(times, kind="stable")
+    times = times[order]
+    right = int(np.searchsorted(times, timestamp_us, side="left"))
+    if right < len(times) and times[right] == timestamp_us:
+        return np.asarray(messages[order[right]][key], dtype=np.float64)
+    if right == 0 or right == len(times):
+        nearest = 0 if right == 0 else len(times) - 1
+        if abs(times[nearest] - timestamp_us) * 1e-6 > max_gap_s / 2:
+            return None
+        return np.asarray(messages[order[nearest]][key], dtype=np.float64)
+    t0, t1 = times[right - 1], times[right]
+    if (t1 - t0) * 1e-6 > max_gap_s:
+        return None
+    v0 = np.asarray(messages[order[right - 1]][key], dtype=np.float64)
+    v1 = np.asarray(messages[order[right]][key], dtype=np.float64)
+    alpha = (timestamp_us - t0) / (t1 - t0)
+    return (1 - alpha) * v0 + alpha * v1
+
+
+def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
+                 max_gap_s: Mapping[str, float] | None = None) -> CanState:
+    """The CAN state at `timestamp_us` from nuScenes CAN bus messages (as `NuScenesCanBus.get_messages` returns them).
+
+    messages: message type -> list of messages; the types used are "pose" (vel m/s, accel m/s^2, rotation_rate
+        rad/s, all in the ego frame), "ms_imu" (linear_accel m/s^2, rotation_rate rad/s, ego frame) and
+        "vehicle_monitor" (vehicle_speed km/h, yaw_rate deg/s). Missing types are fine.
+    Sources, best first: speed from pose.vel[0], else vehicle_monitor.vehicle_speed; yaw rate from
+    ms_imu.rotation_rate[2], else pose.rotation_rate[2], else vehicle_monitor.yaw_rate; acceleration from
+    ms_imu.linear_accel, else pose.accel. The state is valid only when all three are known at the keyframe
+    (interpolated between messages at most CAN_MAX_GAP_S apart); otherwise it is absent (NaN) with the reason.
+    """
+    gaps = dict(CAN_MAX_GAP_S, **(max_gap_s or {}))
+
+    def get(kind: str, key: str):
+        msgs = messages.get(kind) or []
+        if not msgs or key not in msgs[0]:
+            return None
+        return _interpolate_messages(msgs, key, timestamp_us, gaps[kind])
+
+    speed = get("pose", "vel")
+    speed = speed[0] if speed is not None else None
+    if speed is None:
+        kmh = get("vehicle_monitor", "vehicle_speed")
+        speed = float(kmh) / 3.6 if kmh is not None else None
+    yaw_rate = None
+    for kind in ("ms_imu", "pose"):
+        rate = get(kind, "rotation_rate")
+        if rate is not None:
+            yaw_rate = float(rate[2])
+            break
+    if yaw_rate is None:
+        deg = get("vehicle_monitor", "yaw_rate")
+        yaw_rate = float(np.deg2rad(deg)) if deg is not None else None
+    acceleration = get("ms_imu", "linear_accel")
+    if acceleration is None:
+        acceleration = get("pose", "accel")
+    unknown = [name for name, value in (("speed", speed), ("yaw rate", yaw_rate), ("acceleration", acceleration))
+               if value is None]
+    if unknown:
+        kinds = sorted(k for k, v in messages.items() if v)
+        return CanState.absent(f"no CAN {', '.join(unknown)} at t={timestamp_us} us "
+                               f"(message types available: {kinds or 'none'})")
+    return CanState(float(speed), float(yaw_rate), tuple(float(a) for a in acceleration), True, "")
+
+
+def can_message_problem(kind: str, message) -> str:
+    """Why a CAN message of type `kind` cannot be used ("" if it can)."""
+    if not isinstance(message, dict):
+        return "not a dict"
+    for key in CAN_KEYS.get(kind, ()):
+        if key not in message:
+            return f"no {key!r}"
+        try:
+            values = np.asarray(message[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            return f"{key!r} is not numeric"
+        if not np.isfinite(values).all():
+            return f"{key!r} is not finite"
+    return ""
+
+
+def open_can_bus(dataroot: str):
+    """A NuScenesCanBus over <dataroot>/can_bus, or a string saying why there is none."""
+    try:
+        from nuscenes.can_bus.can_bus_api import NuScenesCanBus
+        return NuScenesCanBus(dataroot=dataroot)
+    except Exception as error:  # the devkit raises a bare Exception when can_bus/ is absent
+        return f"no CAN bus data in {dataroot}: {error}"
+
+
+def scene_can_messages(can_bus, scene_name: str, cache: dict | None = None) -> dict | str:
+    """Message type (pose, ms_imu, vehicle_monitor) -> messages of one scene from a NuScenesCanBus, or a string
+    saying why the scene has no CAN data. `cache` (scene name -> result) avoids reading a scene twice."""
+    cache = {} if cache is None else cache
+    if scene_name in cache:
+        return cache[scene_name]
+    if isinstance(can_bus, str):
+        cache[scene_name] = can_bus
+        return can_bus
+    messages: dict[str, list] = {}
+    reasons = []
+    for kind in CAN_KINDS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                messages[kind] = can_bus.get_messages(scene_name, kind, print_warnings=False)
+        except AssertionError:
+            reasons.append(f"scene name {scene_name!r} is not of the devkit's 'scene-NNNN' form")
+            break
+        except FileNotFoundError:
+            reasons.append(f"no {kind} file")
+        except Exception as error:  # the devkit raises a bare Exception for its CAN blacklist
+            reasons.append(str(error))
+            break
+    result: dict | str = messages if messages else f"{scene_name} has no CAN bus data: {'; '.join(reasons)}"
+    cache[scene_name] = result
+    return result
