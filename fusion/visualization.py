@@ -35,8 +35,8 @@ class BevCanvas:
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the picture in pixels."""
-        return (int(round((self.grid.y_max - self.grid.y_min) * self.pixels_per_meter)),
-                int(round((self.grid.x_max - self.grid.x_min) * self.pixels_per_meter)))
+        x_extent, y_extent = self.grid.extent
+        return int(round(y_extent * self.pixels_per_meter)), int(round(x_extent * self.pixels_per_meter))
 
     def to_pixels(self, xy: np.ndarray) -> np.ndarray:
         """[N, 2] ego-frame (x, y) meters -> [N, 2] picture (u, v) pixels, float."""
