@@ -72,7 +72,7 @@ class FusionDataModule(pl.LightningDataModule):
         modalities: sensors to read (the model's branches); others are skipped or removed from the samples.
         image_size: (height, width) of the model's camera input, pixels.
         cameras: camera channels to read, in order.
-        lidar_sweeps / radar_sweeps / radar_filters: passed to the reader.
+        lidar_sweeps / lidar_sweep_stride / radar_sweeps / radar_filters: passed to the reader (SampleBuilder).
         batch_size / val_batch_size / num_workers: DataLoader settings (val_batch_size defaults to batch_size).
         cache_dir: the reader's index cache (NPZ) folder; None keeps the index in memory.
         on_missing: the reader's policy for missing sensor files ("error" or "mark_missing").
@@ -94,6 +94,7 @@ class FusionDataModule(pl.LightningDataModule):
         image_size: tuple[int, int] = (256, 704),
         cameras: list[str] = list(CAMERA_NAMES),
         lidar_sweeps: int = 9,
+        lidar_sweep_stride: int = 1,
         radar_sweeps: int = 6,
         radar_filters: str = "default",
         batch_size: int = 4,
@@ -129,6 +130,7 @@ class FusionDataModule(pl.LightningDataModule):
         self.image_size = tuple(image_size)
         self.cameras = tuple(cameras)
         self.lidar_sweeps, self.radar_sweeps, self.radar_filters = lidar_sweeps, radar_sweeps, radar_filters
+        self.lidar_sweep_stride = lidar_sweep_stride
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -169,6 +171,7 @@ class FusionDataModule(pl.LightningDataModule):
         return dict(
             grid=self.grid,
             lidar_sweeps=self.lidar_sweeps if "lidar" in self.modalities else 0,
+            lidar_sweep_stride=self.lidar_sweep_stride,
             radar_sweeps=self.radar_sweeps if "radar" in self.modalities else 1,
             radar_filters=self.radar_filters,
             cameras=self.cameras if use_cameras else (),

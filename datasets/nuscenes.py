@@ -35,7 +35,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
     dataroot / version: a nuScenes dataroot and its table folder (e.g. "v1.0-mini").
     split: a devkit split name (nuscenes.utils.splits: "mini_val", "train", ...) or a custom one from
         <dataroot>/<version>/splits.json (e.g. "synth_train").
-    grid: the BEVGrid of the map crop. lidar_sweeps / radar_sweeps / radar_filters / cameras / radars / on_missing /
+    grid: the BEVGrid of the map crop. lidar_sweeps / lidar_sweep_stride / radar_sweeps / radar_filters / cameras / radars / on_missing /
         lidar_min_distance / lidar_keep_rings / camera_decode_size: see SampleBuilder.
     load_map: crop the scene's map raster (the dataroot's map PNGs) onto the grid.
     transforms: a callable Sample -> Sample applied to every item (fusion.datasets.transforms).
@@ -47,6 +47,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataroot: str, version: str, split: str, grid: BEVGrid | None = None, lidar_sweeps: int = 9,
                  radar_sweeps: int = 6, radar_filters: RadarFilters | str | dict | None = "default",
+                 lidar_sweep_stride: int = 1,
                  cameras: Sequence[str] = CAMERA_NAMES, radars: Sequence[str] = RADAR_NAMES,
                  load_map: bool = True, on_missing: str = "error",
                  transforms: Callable[[Sample], Sample] | None = None, cache_dir: str | None = None,
@@ -63,7 +64,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
                                     f"(found: {sorted(os.listdir(dataroot))})")
         self.dataroot, self.version, self.split = dataroot, version, split
         self.grid = grid if grid is not None else BEVGrid()
-        self.builder = SampleBuilder(grid=self.grid, lidar_sweeps=lidar_sweeps, radar_sweeps=radar_sweeps,
+        self.builder = SampleBuilder(grid=self.grid, lidar_sweeps=lidar_sweeps, lidar_sweep_stride=lidar_sweep_stride,
+                                     radar_sweeps=radar_sweeps,
                                      radar_filters=radar_filters, cameras=tuple(cameras), radars=tuple(radars),
                                      lidar_min_distance=lidar_min_distance, radar_min_distance=radar_min_distance,
                                      lidar_keep_rings=lidar_keep_rings, camera_decode_size=camera_decode_size,
@@ -103,7 +105,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
         key_row = int(rows[CHANNELS.index(LIDAR_NAME)])
         if key_row < 0:
             raise ValueError(f"sample {index.sample_token[i]} has no {LIDAR_NAME} message")
-        lidar_rows = index.chain(key_row, self.builder.lidar_sweeps + 1)
+        lidar_rows = index.chain(key_row, self.builder.previous_sweeps_needed + 1)
         messages = dict(keyframe_lidar=index.message(lidar_rows[0], root),
                         lidar_sweeps=[index.message(r, root) for r in lidar_rows[1:]])
         if "radar" in sensors:

@@ -57,6 +57,8 @@ class SampleBuilder:
 
     grid: the BEVGrid the map raster is cropped to.
     lidar_sweeps: previous LiDAR sweeps added to the keyframe (the devkit's nsweeps - 1).
+    lidar_sweep_stride: take every k-th previous sweep (k = 3 at 20 Hz: lags 0.15, 0.30, ... s), so that few sweeps
+        span a long time baseline (moving objects move more between them) for the same number of points.
     radar_sweeps: sweeps per radar, keyframe included (the devkit's nsweeps).
     radar_filters: "default" (the devkit's), "none", a dict or a RadarFilters.
     cameras / radars: channels to read, in output order; () disables the modality.
@@ -75,6 +77,7 @@ class SampleBuilder:
     lidar_sweeps: int = 9
     radar_sweeps: int = 6
     radar_filters: RadarFilters | str | dict | None = "default"
+    lidar_sweep_stride: int = 1
     cameras: tuple[str, ...] = CAMERA_NAMES
     radars: tuple[str, ...] = RADAR_NAMES
     lidar_min_distance: float = 1.0
@@ -89,6 +92,8 @@ class SampleBuilder:
             raise ValueError(f"on_missing must be one of {ON_MISSING}, got {self.on_missing!r}")
         if int(self.lidar_sweeps) < 0:
             raise ValueError(f"lidar_sweeps must be >= 0, got {self.lidar_sweeps}")
+        if int(self.lidar_sweep_stride) < 1:
+            raise ValueError(f"lidar_sweep_stride must be >= 1, got {self.lidar_sweep_stride}")
         if int(self.radar_sweeps) < 1:
             raise ValueError(f"radar_sweeps must be >= 1 (the keyframe), got {self.radar_sweeps}")
         if self.lidar_keep_rings is not None and int(self.lidar_keep_rings) < 1:
@@ -104,6 +109,16 @@ class SampleBuilder:
 
     # -- public ------------------------------------------------------------------------------------------------
 
+    @property
+    def previous_sweeps_needed(self) -> int:
+        """How many previous LiDAR sweeps (newest first) `build` must be given to use `lidar_sweeps` of them."""
+        return int(self.lidar_sweeps) * int(self.lidar_sweep_stride)
+
+    def select_sweeps(self, sweeps: Sequence[SensorMessage]) -> list[SensorMessage]:
+        """The previous sweeps (newest first) this builder uses: every lidar_sweep_stride-th, at most lidar_sweeps."""
+        stride = int(self.lidar_sweep_stride)
+        return list(sweeps)[stride - 1::stride][: self.lidar_sweeps]
+
     def build(self, *, token: str, scene_name: str, keyframe_lidar: SensorMessage,
               lidar_sweeps: Sequence[SensorMessage] = (),
               radar_messages: Mapping[str, Sequence[SensorMessage]] | None = None,
@@ -112,7 +127,8 @@ class SampleBuilder:
               boxes: Boxes | None = None) -> Sample:
         """One Sample. Frame: the ego frame at `keyframe_lidar.timestamp_us` (its ego pose).
 
-        lidar_sweeps: previous LIDAR_TOP sweeps, newest first (extra ones beyond `lidar_sweeps` are ignored).
+        lidar_sweeps: previous LIDAR_TOP sweeps, newest first; every `lidar_sweep_stride`-th is used (the k-th,
+            2k-th, ...), at most `lidar_sweeps` of them (see `previous_sweeps_needed`).
         radar_messages: radar channel -> its messages, keyframe first then previous sweeps.
         camera_messages: camera channel -> its keyframe image message.
         can_state: CAN state at the keyframe (None: absent). map_layer: the map of the scene (None: absent).
@@ -123,7 +139,7 @@ class SampleBuilder:
         reference = np.asarray(keyframe_lidar.ego_to_global, dtype=np.float64)
         global_to_reference = invert_transform(reference)
 
-        lidar = self._lidar(keyframe_lidar, list(lidar_sweeps)[: self.lidar_sweeps], global_to_reference, missing,
+        lidar = self._lidar(keyframe_lidar, self.select_sweeps(lidar_sweeps), global_to_reference, missing,
                             dropped)
         radar = self._radar(radar_messages or {}, keyframe_lidar.timestamp_us, global_to_reference, missing, dropped)
         cameras = self._cameras(camera_messages or {}, keyframe_lidar.timestamp_us, global_to_reference, missing)
@@ -154,7 +170,7 @@ class SampleBuilder:
         missing: dict[str, str] = {}
         dropped: dict[str, int] = {}
         reference = invert_transform(np.asarray(keyframe.ego_to_global, dtype=np.float64))
-        points = self._lidar(keyframe, list(sweeps)[: self.lidar_sweeps], reference, missing, dropped)
+        points = self._lidar(keyframe, self.select_sweeps(sweeps), reference, missing, dropped)
         return points, dropped, missing
 
     def load_radar(self, keyframe: SensorMessage, radar_messages: Mapping[str, Sequence[SensorMessage]]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.heads.centerpoint import HeadOutput
+from fusion.heads.centerpoint import REGRESSION_WIDTH, HeadOutput
 from fusion.heads.decode import HeadTargets, relevant_attribute_mask
 
 
@@ -57,8 +57,8 @@ class CenterPointLoss(nn.Module):
                  code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2),
                  attribute_weight: float = 0.2, focal_alpha: float = 2.0, focal_gamma: float = 4.0):
         super().__init__()
-        if len(code_weights) != 10:
-            raise ValueError(f"CenterPointLoss: code_weights needs 10 values, got {len(code_weights)}")
+        if len(code_weights) != REGRESSION_WIDTH:
+            raise ValueError(f"CenterPointLoss: code_weights needs {REGRESSION_WIDTH} values, got {len(code_weights)}")
         self.heatmap_weight, self.regression_weight, self.attribute_weight = (heatmap_weight, regression_weight,
                                                                               attribute_weight)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma

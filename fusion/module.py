@@ -159,7 +159,8 @@ class FusionDetector(pl.LightningModule):
         scheduler: "onecycle" (OneCycleLR over all training steps), "cosine" (linear warm-up then cosine decay to
             1% of lr, per step) or "none".
         warmup_fraction: share of the training steps spent warming up (one-cycle's pct_start).
-        score_threshold / max_boxes / pool_size: decoding (fusion.heads.decode.decode_boxes).
+        score_threshold / max_boxes / pool_size / heading_from_motion: decoding (fusion.heads.decode.decode_boxes;
+            heading_from_motion, m/s, turns a moving box's heading to agree with its predicted velocity).
         gaussian_overlap / min_radius: target heatmap Gaussians (CenterPoint's gaussian_radius).
     """
 
@@ -181,6 +182,7 @@ class FusionDetector(pl.LightningModule):
         score_threshold: float = 0.1,
         max_boxes: int = 500,
         pool_size: int = 3,
+        heading_from_motion: float | None = None,
         gaussian_overlap: float = 0.1,
         min_radius: int = 2,
     ):
@@ -235,15 +237,27 @@ class FusionDetector(pl.LightningModule):
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
         """Batch -> (raw head maps, attention weights). `present` overrides batch.present (e.g. after dropout).
         A branch runs only if at least one sample of the batch may use its modality."""
+        output, attention, _ = self.forward_with_losses(batch, present, branch_losses=False)
+        return output, attention
+
+    def forward_with_losses(self, batch: Batch, present: dict[str, Tensor] | None = None, branch_losses: bool = True
+                            ) -> tuple[HeadOutput, FusionAttention, dict[str, Tensor]]:
+        """`forward` plus the branches' own training losses (e.g. the camera's LiDAR-supervised depth), from the
+        branches that have `forward_with_losses(batch) -> (bev, {name: loss})`, when branch_losses is True."""
         present = dict(batch.present if present is None else present)
         features: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
         for name, branch in self.branches.items():
             mask = present.get(name)
             if mask is None or not bool(mask.any()):
                 continue
             masks[name] = mask.to(self.device)
-            features[name] = branch(batch)
+            if branch_losses and hasattr(branch, "forward_with_losses"):
+                features[name], extra = branch.forward_with_losses(batch)
+                losses.update(extra)
+            else:
+                features[name] = branch(batch)
         if not features:  # no sample has any modality: the fuser still gives a finite, defined BEV
             masks = {name: torch.zeros(batch.batch_size, dtype=torch.bool, device=self.device)
                      for name in self.modalities}
@@ -252,7 +266,7 @@ class FusionDetector(pl.LightningModule):
             fused = self.temporal(fused, batch)
         output = self.head(fused)
         self.last_attention = attention.detach()
-        return output, attention
+        return output, attention, losses
 
     @torch.no_grad()
     def predict(self, batch: Batch, score_threshold: float | None = None) -> tuple[list[Boxes], FusionAttention]:
@@ -264,13 +278,17 @@ class FusionDetector(pl.LightningModule):
             output, attention = self(batch.to(self.device))
         finally:
             self.train(was_training)
-        threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
-        return decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
-                            self.hparams.get("pool_size", 3)), attention
+        return self.decode(output, score_threshold), attention
 
     def predict_boxes(self, batch: Batch, score_threshold: float | None = None) -> list[Boxes]:
         """The detections of `predict` only; used by evaluation."""
         return self.predict(batch, score_threshold)[0]
+
+    def decode(self, output: HeadOutput, score_threshold: float | None = None) -> list[Boxes]:
+        """Raw head maps -> Boxes per sample (ego frame) with this model's decoding settings."""
+        threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
+        return decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
+                            self.hparams.get("pool_size", 3), self.hparams.get("heading_from_motion"))
 
     def contribution_maps(self) -> Tensor:
         """[B, M, H, W] per-modality share of the attention for the last batch (order: `last_attention.modalities`)."""
@@ -287,10 +305,15 @@ class FusionDetector(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def compute_losses(self, batch: Batch, present: dict[str, Tensor] | None = None
                        ) -> tuple[dict[str, Tensor], HeadOutput]:
-        output, _ = self(batch, present)
+        """(the head's losses plus the branches' own training losses, each named, total under "loss"; the raw maps)."""
+        output, _, branch_losses = self.forward_with_losses(batch, present, branch_losses=self.training)
         targets = encode_targets(batch.boxes, self.grid, self.hparams.get("gaussian_overlap", 0.1),
                                  self.hparams.get("min_radius", 2), device=self.device)
-        return self.loss(output, targets), output
+        losses = self.loss(output, targets)
+        for name, value in branch_losses.items():
+            losses["loss"] = losses["loss"] + value
+            losses[name] = value.detach()
+        return losses, output
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         present = drop_modalities(batch.present, self.modalities, self.modality_dropout)
@@ -313,15 +336,13 @@ class FusionDetector(pl.LightningModule):
         losses, output = self.compute_losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size,
                       on_epoch=True, sync_dist=True)
-        boxes = decode_boxes(output, self.grid, self.hparams.get("score_threshold", 0.1),
-                             self.hparams.get("max_boxes", 500), self.hparams.get("pool_size", 3))
+        boxes = self.decode(output)
         for token, sample_boxes in zip(batch.tokens, boxes):
             self.validation_predictions[token] = sample_boxes.to("cpu")
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Boxes]:
         output, _ = self(batch)
-        boxes = decode_boxes(output, self.grid, self.hparams.get("score_threshold", 0.1),
-                             self.hparams.get("max_boxes", 500), self.hparams.get("pool_size", 3))
+        boxes = self.decode(output)
         return {token: b.to("cpu") for token, b in zip(batch.tokens, boxes)}
 
     def configure_optimizers(self):

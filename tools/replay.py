@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             every_k_sweeps=args.every_k_sweeps, keyframes_only=args.keyframes_only,
             lidar_sweeps=args.lidar_sweeps if args.lidar_sweeps is not None else
             (data.lidar_sweeps if "lidar" in data.modalities else 0),
+            lidar_sweep_stride=data.lidar_sweep_stride,
             radar_sweeps=args.radar_sweeps if args.radar_sweeps is not None else
             (data.radar_sweeps if "radar" in data.modalities else 1),
             camera_tolerance_s=args.camera_tolerance_ms / 1e3, radar_tolerance_s=args.radar_tolerance_ms / 1e3,

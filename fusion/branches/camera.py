@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fusion.branches.common import BEVEncoder, Downsample, ResNetBackbone, check_power_of_two
+from fusion.branches.depth_supervision import depth_loss, lidar_depth_targets
 from fusion.cuda_ops import bev_pool
 from fusion.grid import BEVGrid
 from fusion.types import Batch
@@ -32,6 +33,9 @@ class CameraBranch(nn.Module):
     convs, for finer splatting than the output grid. Frustum points outside the grid (x, y or z) are dropped;
     invalid cameras (batch.cameras.valid False) are not run at all, so samples without cameras get the encoder's
     response to an empty map (finite; masked downstream).
+    `depth_loss_weight` > 0 adds, in training (`forward_with_losses`), a cross-entropy of the depth distribution
+    against the depth of the keyframe LiDAR points projected into each camera (BEVDepth-style; LiDAR is a teacher
+    at training time only, see fusion/branches/depth_supervision.py).
     """
 
     modality = "camera"
@@ -39,13 +43,17 @@ class CameraBranch(nn.Module):
     def __init__(self, grid: BEVGrid, out_channels: int = 64, backbone_widths: Sequence[int] = (32, 64, 128),
                  backbone_blocks: Sequence[int] = (1, 1, 1), feature_channels: int = 64, context_channels: int = 32,
                  depth_min: float = 1.0, depth_max: float = 60.0, depth_bins: int = 59, height_bins: int = 1,
-                 pool_upsample: int = 1, bev_blocks: int = 2):
+                 pool_upsample: int = 1, bev_blocks: int = 2, depth_loss_weight: float = 0.0):
         super().__init__()
         if not 0 < depth_min < depth_max:
             raise ValueError(f"CameraBranch: need 0 < depth_min < depth_max, got {depth_min}, {depth_max}")
         if depth_bins < 1 or height_bins < 1:
             raise ValueError(f"CameraBranch: depth_bins ({depth_bins}) and height_bins ({height_bins}) must be >= 1")
         check_power_of_two(pool_upsample, "CameraBranch pool_upsample")
+        if not depth_loss_weight >= 0:
+            raise ValueError(f"CameraBranch: depth_loss_weight must be >= 0, got {depth_loss_weight}")
+        self.depth_loss_weight = float(depth_loss_weight)
+        self.depth_range = (float(depth_min), float(depth_max))
         self.grid = grid
         self.pool_grid = grid.upsampled(pool_upsample) if pool_upsample > 1 else grid
         self.out_channels = out_channels
@@ -113,11 +121,16 @@ class CameraBranch(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Batch with cameras [B, Ncam, 3, H, W] uint8 -> [B, out_channels, grid.height, grid.width]."""
+        return self.forward_with_losses(batch)[0]
+
+    def forward_with_losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the camera BEV as `forward`, {"camera_depth": weighted depth loss} in training with depth supervision on
+        and LiDAR points in the batch, else {})."""
         batch_size = batch.batch_size
         grid = self.pool_grid
         device = self.depth_centers.device
         cameras = batch.cameras
-        pooled = None
+        pooled, losses = None, {}
         if cameras is not None and bool(cameras.valid.any()):
             num_cameras = cameras.images.shape[1]
             image_size = tuple(cameras.images.shape[-2:])
@@ -129,12 +142,18 @@ class CameraBranch(nn.Module):
             logits = self.depth_net(features)
             depth = logits[:, :self.depth_bins].softmax(dim=1)
             context = logits[:, self.depth_bins:]
-            points = self.frustum_points(cameras.intrinsics.reshape(-1, 3, 3)[index].to(device),
-                                         cameras.cam_to_ego.reshape(-1, 4, 4)[index].to(device),
-                                         image_size, tuple(features.shape[-2:]))
+            intrinsics = cameras.intrinsics.reshape(-1, 3, 3)[index].to(device)
+            cam_to_ego = cameras.cam_to_ego.reshape(-1, 4, 4)[index].to(device)
+            points = self.frustum_points(intrinsics, cam_to_ego, image_size, tuple(features.shape[-2:]))
             camera_sample = torch.div(index, num_cameras, rounding_mode="floor").to(device)
             pooled = self.splat(depth, context, points, camera_sample, batch_size)
+            if self.training and self.depth_loss_weight > 0 and batch.lidar_points.shape[0] > 0:
+                with torch.no_grad():
+                    target = lidar_depth_targets(batch.lidar_points.to(device), batch.lidar_batch.to(device),
+                                                 camera_sample, intrinsics, cam_to_ego, image_size,
+                                                 tuple(features.shape[-2:]), *self.depth_range, self.depth_bins)
+                losses["camera_depth"] = self.depth_loss_weight * depth_loss(logits[:, :self.depth_bins], target)
         if pooled is None:
             pooled = torch.zeros(batch_size, self.context_channels * self.height_bins, grid.height, grid.width,
                                  device=device)
-        return self.bev_encoder(self.downsample(pooled))
+        return self.bev_encoder(self.downsample(pooled)), losses

@@ -188,3 +188,23 @@ class PillarEncoder(nn.Module):
                 pillar_features = torch.cat([pillar_features, torch.log1p(counts)[:, None]], dim=-1)
                 out = out.to(pillar_features.dtype).index_copy(0, pillar_cells, pillar_features)
         return out.view(batch_size, grid.height, grid.width, self.out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def time_slice_occupancy(xyz: torch.Tensor, time_lag: torch.Tensor, batch_index: torch.Tensor, batch_size: int,
+                         grid: BEVGrid, slices: int, slice_s: float) -> torch.Tensor:
+    """Per-sweep BEV occupancy: log(1 + points) of each (time slice, cell), [B, slices, grid.height, grid.width].
+
+    xyz [N, 3] ego-frame meters; time_lag [N] seconds before the keyframe (0 for the keyframe sweep); batch_index
+    [N] int64. Slice k holds the points with round(lag / slice_s) == k; points outside the grid's x/y/z extent, with
+    non-finite values, or in no slice are left out. Stacked as channels, the slices show a moving object at a
+    different cell in each: the displacement (velocity) and its direction (heading) become visible to 2D convs,
+    which a max over a pillar's points cannot see."""
+    out = xyz.new_zeros(batch_size * slices * grid.height * grid.width)
+    if xyz.shape[0] > 0 and slices > 0:
+        row, col, inside = grid.cell_index(xyz[:, :2])
+        slice_index = torch.round(torch.nan_to_num(time_lag, nan=-1.0) / slice_s).long()
+        inside &= (xyz[:, 2] >= grid.z_min) & (xyz[:, 2] < grid.z_max) & torch.isfinite(xyz[:, 2])
+        inside &= (slice_index >= 0) & (slice_index < slices) & torch.isfinite(time_lag)
+        flat = ((batch_index * slices + slice_index) * grid.height + row) * grid.width + col
+        out += torch.bincount(flat[inside], minlength=out.shape[0]).to(out.dtype)
+    return torch.log1p(out).view(batch_size, slices, grid.height, grid.width)

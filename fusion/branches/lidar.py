@@ -18,7 +18,7 @@ from torch import nn
 
 import spconv.pytorch as spconv
 from fusion.branches.common import (BEVEncoder, Downsample, PillarEncoder, PointMLP, check_power_of_two,
-                                    grid_point_range)
+                                    grid_point_range, time_slice_occupancy)
 from fusion.cuda_ops import hard_voxelize
 from fusion.grid import BEVGrid
 from fusion.sparse import SingleThreadSparse, patch_spconv_cpu
@@ -82,6 +82,8 @@ class LidarBranch(nn.Module):
     0.075 m voxels) and `voxel_height` tall (meters) over grid.z_min..z_max. `sparse_channels` has one entry per
     resolution: the first at the voxel resolution, then one stride-2 stage per halving, so its length must be
     log2(voxel_upsample) + 1. `vfe` is "mean" (mean of each voxel's points; no parameters) or "pointnet".
+    `time_slices` > 0 stacks the per-sweep occupancy on the BEV grid onto the collapsed sparse features (see
+    `LidarPillarBranch`).
     Points outside the grid or non-finite are dropped by `hard_voxelize`; a sample without points gives the 2D
     encoder's response to an empty map.
     """
@@ -91,7 +93,7 @@ class LidarBranch(nn.Module):
     def __init__(self, grid: BEVGrid, out_channels: int = 128, voxel_upsample: int = 8, voxel_height: float = 0.2,
                  max_points_per_voxel: int = 10, max_voxels: int = 120000,
                  sparse_channels: Sequence[int] = (16, 32, 64, 128), vfe: str = "mean", vfe_channels: int = 16,
-                 bev_blocks: int = 2):
+                 bev_blocks: int = 2, time_slices: int = 0, time_slice_s: float = 0.15):
         super().__init__()
         check_power_of_two(voxel_upsample, "LidarBranch voxel_upsample")
         sparse_channels = list(sparse_channels)
@@ -129,7 +131,9 @@ class LidarBranch(nn.Module):
         for _ in range(stages):
             out_depth = (out_depth + 1) // 2
         self.collapsed_channels = sparse_channels[-1] * out_depth
-        self.bev_encoder = BEVEncoder(self.collapsed_channels, out_channels, bev_blocks)
+        _check_time_slices(time_slices, time_slice_s)
+        self.time_slices, self.time_slice_s = time_slices, time_slice_s
+        self.bev_encoder = BEVEncoder(self.collapsed_channels + time_slices, out_channels, bev_blocks)
 
     def voxelize(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Voxel features [V, F] (normalised; see `_normalised_lidar_features`) and int32 coords [V, 4]
@@ -171,6 +175,11 @@ class LidarBranch(nn.Module):
             sparse = spconv.SparseConvTensor(features, coords, self.spatial_shape, batch_size)
             dense = self.sparse_encoder(sparse).dense()  # [B, C, Z', H, W]
             bev = dense.flatten(1, 2)
+        if self.time_slices:
+            points = batch.lidar_points.to(bev.device).float()
+            occupancy = time_slice_occupancy(points[:, :3], points[:, 4], batch.lidar_batch.to(bev.device),
+                                             batch_size, self.grid, self.time_slices, self.time_slice_s)
+            bev = torch.cat([bev, occupancy.to(bev.dtype)], dim=1)
         return self.bev_encoder(bev)
 
 
@@ -178,27 +187,43 @@ class LidarPillarBranch(nn.Module):
     """Batch -> LiDAR BEV [B, out_channels, grid.height, grid.width] with dynamic pillars (PointPillars-style).
 
     Pillars are `grid.cell_size / pillar_upsample` wide (a power of two) and span grid.z_min..z_max; stride-2 convs
-    bring finer pillars back to the grid. Points outside the grid or non-finite are dropped.
+    bring finer pillars back to the grid. Points outside the grid or non-finite are dropped. With `time_slices` > 0
+    the per-sweep occupancy (`time_slice_occupancy`, slices `time_slice_s` seconds apart) is stacked onto the pillar
+    features, so that the convs see where each object was at each sweep (its motion).
     """
 
     modality = "lidar"
 
     def __init__(self, grid: BEVGrid, out_channels: int = 64, pillar_upsample: int = 1, pillar_channels: int = 64,
-                 hidden_channels: int = 32, bev_blocks: int = 2):
+                 hidden_channels: int = 32, bev_blocks: int = 2, time_slices: int = 0, time_slice_s: float = 0.15):
         super().__init__()
         check_power_of_two(pillar_upsample, "LidarPillarBranch pillar_upsample")
         self.grid = grid
         self.out_channels = out_channels
         pillar_grid = grid.upsampled(pillar_upsample) if pillar_upsample > 1 else grid
+        _check_time_slices(time_slices, time_slice_s)
+        self.time_slices, self.time_slice_s = time_slices, time_slice_s
         # Point features: the 5 normalised LiDAR columns.
         self.pillars = PillarEncoder(pillar_grid, len(LIDAR_FEATURES), pillar_channels, hidden_channels)
-        self.downsample = Downsample(pillar_channels, pillar_upsample)
-        self.bev_encoder = BEVEncoder(pillar_channels, out_channels, bev_blocks)
+        self.downsample = Downsample(pillar_channels + time_slices, pillar_upsample)
+        self.bev_encoder = BEVEncoder(pillar_channels + time_slices, out_channels, bev_blocks)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Batch -> [B, out_channels, grid.height, grid.width]."""
         device = self.bev_encoder.blocks[0].conv1.weight.device
         points = batch.lidar_points.to(device).float()
         features = _normalised_lidar_features(points, self.grid)
-        bev = self.pillars(points[:, :3], features, batch.lidar_batch.to(device), batch.batch_size)
+        sample_of_point = batch.lidar_batch.to(device)
+        bev = self.pillars(points[:, :3], features, sample_of_point, batch.batch_size)
+        if self.time_slices:
+            occupancy = time_slice_occupancy(points[:, :3], points[:, 4], sample_of_point, batch.batch_size,
+                                             self.pillars.pillar_grid, self.time_slices, self.time_slice_s)
+            bev = torch.cat([bev, occupancy.to(bev.dtype)], dim=1)
         return self.bev_encoder(self.downsample(bev))
+
+
+def _check_time_slices(time_slices: int, time_slice_s: float) -> None:
+    if not isinstance(time_slices, int) or time_slices < 0:
+        raise ValueError(f"time_slices must be an integer >= 0, got {time_slices!r}")
+    if not time_slice_s > 0:
+        raise ValueError(f"time_slice_s must be positive (seconds), got {time_slice_s!r}")

@@ -13,6 +13,8 @@ from fusion.types import ATTRIBUTES, DETECTION_CLASSES
 REGRESSION_FIELDS: tuple[tuple[str, int], ...] = (
     ("offset", 2), ("height", 1), ("size", 3), ("rotation", 2), ("velocity", 2),
 )
+#: Channels of all regression maps together (the width of HeadTargets.regression and of the L1 code weights).
+REGRESSION_WIDTH: int = sum(width for _, width in REGRESSION_FIELDS)
 
 
 @dataclass

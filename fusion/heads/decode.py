@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion.grid import BEVGrid
-from fusion.heads.centerpoint import HeadOutput
+from fusion.heads.centerpoint import REGRESSION_WIDTH, HeadOutput
 from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE, Boxes
 
 
@@ -65,7 +65,7 @@ class HeadTargets:
     index: [B, N] int64 flat cell index row * W + col of each object (0 for padding).
     mask: [B, N] bool, real objects (False for padding).
     labels: [B, N] int64 class index.
-    regression: [B, N, 10] float32 in REGRESSION_FIELDS order (offset 2, height 1, log size 3, sin/cos 2,
+    regression: [B, N, REGRESSION_WIDTH] float32 in REGRESSION_FIELDS order (offset 2, height 1, log size 3, sin/cos 2,
         velocity 2); velocity entries are NaN where the ground truth has none.
     attribute: [B, N] int64 attribute index, NO_ATTRIBUTE (-1) where none or where the class has no attributes.
     """
@@ -98,7 +98,7 @@ def encode_targets(boxes: list[Boxes], grid: BEVGrid, min_overlap: float = 0.1, 
     index = torch.zeros(batch, count, dtype=torch.int64, device=device)
     mask = torch.zeros(batch, count, dtype=torch.bool, device=device)
     labels = torch.zeros(batch, count, dtype=torch.int64, device=device)
-    regression = torch.zeros(batch, count, 10, device=device)
+    regression = torch.zeros(batch, count, REGRESSION_WIDTH, device=device)
     attribute = torch.full((batch, count), NO_ATTRIBUTE, dtype=torch.int64, device=device)
     relevant = relevant_attribute_mask(device)
     for i, b in enumerate(kept):
@@ -143,13 +143,25 @@ def _draw_gaussians(heatmap: Tensor, labels: Tensor, row: Tensor, col: Tensor, l
     heatmap.view(-1).scatter_reduce_(0, flat[valid], gauss[valid], reduce="amax", include_self=True)
 
 
+def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float) -> Tensor:
+    """yaw [...] (radians) turned by pi where the speed of velocity [..., 2] (m/s, same frame) is at least min_speed
+    and the heading points against it (more than 90 degrees apart), wrapped to (-pi, pi]."""
+    speed = velocity.norm(dim=-1)
+    against = (torch.cos(yaw) * velocity[..., 0] + torch.sin(yaw) * velocity[..., 1]) < 0
+    flipped = torch.atan2(-torch.sin(yaw), -torch.cos(yaw))
+    return torch.where(against & (speed >= min_speed), flipped, yaw)
+
+
 def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1, max_boxes: int = 500,
-                 pool_size: int = 3) -> list[Boxes]:
+                 pool_size: int = 3, heading_from_motion: float | None = None) -> list[Boxes]:
     """Raw head maps -> Boxes per sample in the ego frame, best first, at most `max_boxes` each.
 
     A peak is a cell whose class probability (sigmoid of the heatmap logit) is the maximum of its
     pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
     dropped. Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
+    heading_from_motion: a speed (m/s); a box predicted to move at least that fast whose heading points against its
+        velocity (more than 90 degrees apart) is turned by pi: objects drive forwards, and the velocity tells front
+        from back where the shape alone cannot. None leaves headings as predicted.
     """
     if max_boxes < 1:
         raise ValueError(f"decode_boxes: max_boxes must be >= 1, got {max_boxes}")
@@ -178,6 +190,8 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
     center = torch.stack([x, y, z[..., 0]], dim=-1)
     size = torch.exp(log_size.clamp(max=math.log(100.0)))
     yaw = torch.atan2(rotation[..., 0], rotation[..., 1])
+    if heading_from_motion is not None:
+        yaw = align_heading_with_motion(yaw, velocity, heading_from_motion)
     relevant = relevant_attribute_mask(heat.device)[labels]  # [B, k, 8]
     attributes = attr_logits.masked_fill(~relevant, float("-inf")).argmax(dim=-1)
     attributes = torch.where(relevant.any(dim=-1), attributes, torch.full_like(attributes, NO_ATTRIBUTE))

@@ -132,6 +132,7 @@ class ReplayEngine:
         self.policy = policy or SyncPolicy()
         self.read_errors: list[tuple[SensorMessage, Exception]] = []
         self.builder = replace(builder, on_missing="mark_missing", lidar_sweeps=self.policy.lidar_sweeps,
+                               lidar_sweep_stride=self.policy.lidar_sweep_stride,
                                radar_sweeps=self.policy.radar_sweeps,
                                on_read_error=lambda message, error: self.read_errors.append((message, error)))
         self.clock = clock or PlaybackClock(rate)
@@ -340,7 +341,7 @@ class ReplayEngine:
         t = keyframe.timestamp_us
         oldest = t - int(policy.max_sweep_age_s * 1e6)
         selected: dict[str, list[_Entry]] = {LIDAR_NAME: [keyframe] + self._previous(LIDAR_NAME, t, oldest,
-                                                                                     policy.lidar_sweeps)}
+                                                                                     policy.previous_sweeps_needed)}
         reasons: dict[str, str] = {}
         for channel in self.builder.radars:
             entry, reason = self._nearest(channel, t, policy.radar_tolerance_s)

@@ -33,6 +33,8 @@ class SyncPolicy:
     every_k_sweeps: int = 1
     keyframes_only: bool = False
     lidar_sweeps: int = 9
+    #: Every k-th previous sweep is used (SampleBuilder.lidar_sweep_stride): lidar_sweeps * k are buffered.
+    lidar_sweep_stride: int = 1
     radar_sweeps: int = 6
     camera_tolerance_s: float = 0.06
     radar_tolerance_s: float = 0.10
@@ -45,6 +47,7 @@ class SyncPolicy:
 
     def __post_init__(self):
         checks = {"every_k_sweeps": self.every_k_sweeps >= 1, "lidar_sweeps": self.lidar_sweeps >= 0,
+                  "lidar_sweep_stride": self.lidar_sweep_stride >= 1,
                   "radar_sweeps": self.radar_sweeps >= 1, "camera_tolerance_s": self.camera_tolerance_s >= 0,
                   "radar_tolerance_s": self.radar_tolerance_s >= 0, "wait_s": 0 <= self.wait_s <= 1.0,
                   "max_sweep_age_s": self.max_sweep_age_s > 0, "max_pending_frames": self.max_pending_frames >= 1,
@@ -53,10 +56,15 @@ class SyncPolicy:
             if not ok:
                 raise ValueError(f"SyncPolicy.{name}={getattr(self, name)!r} is out of range")
 
+    @property
+    def previous_sweeps_needed(self) -> int:
+        """Previous LiDAR sweeps a frame is assembled from (every lidar_sweep_stride-th of them is used)."""
+        return self.lidar_sweeps * self.lidar_sweep_stride
+
     def capacity(self, channel: str) -> int:
         """The bound of `channel`'s buffer (messages): what the policy can still need, plus the pending frames."""
         if channel == LIDAR_NAME:
-            return self.lidar_sweeps + 1 + self.max_pending_frames
+            return self.previous_sweeps_needed + 1 + self.max_pending_frames
         if channel in RADAR_NAMES:
             return self.radar_sweeps + 2 + self.max_pending_frames
         if channel.startswith(CAN_PREFIX):

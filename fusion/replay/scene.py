@@ -22,7 +22,8 @@ def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy |
         raise ValueError(f"unknown modalities {sorted(unknown)}")
     builder = SampleBuilder(**{**data.reader_options(train=False), "on_missing": "mark_missing"})
     if policy is None:
-        policy = SyncPolicy(lidar_sweeps=builder.lidar_sweeps, radar_sweeps=builder.radar_sweeps)
+        policy = SyncPolicy(lidar_sweeps=builder.lidar_sweeps, lidar_sweep_stride=builder.lidar_sweep_stride,
+                            radar_sweeps=builder.radar_sweeps)
     use_gps = "gps" in modalities
     if use_gps and can_bus is None:
         can_bus = open_can_bus(nusc.dataroot)
