@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.nuscenes import NuScenesDataset
+from fusion.datasets.sampling import class_balanced_sampler
 from fusion.datasets.transforms import Compose, GlobalAugmentation, ImageResizeCrop, PointRangeFilter
 from fusion.grid import BEVGrid
-from fusion.types import CAMERA_NAMES, LIDAR_NAME, MODALITIES, RADAR_NAMES, Sample
+from fusion.types import CAMERA_NAMES, DETECTION_CLASSES, LIDAR_NAME, MODALITIES, RADAR_NAMES, Sample
 
 #: Full resolution of nuScenes camera images (width, height); used to pick the JPEG decode size.
 NUSCENES_IMAGE_SIZE = (1600, 900)
@@ -80,6 +81,8 @@ class FusionDataModule(pl.LightningDataModule):
             probability 0.5), translation_std_m (normal, per axis x/y/z), image_resize_range (random image
             resize factor before the crop, None for none).
         drop_empty_boxes: the devkit's rule (boxes without LiDAR and radar points are not ground truth).
+        class_balanced: draw training keyframes with class-balanced weights (fusion.datasets.sampling; CBGS-style)
+            instead of shuffling.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class FusionDataModule(pl.LightningDataModule):
         translation_std_m: float = 0.2,
         image_resize_range: tuple[float, float] | None = (0.94, 1.06),
         drop_empty_boxes: bool = True,
+        class_balanced: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["grid"])
@@ -131,6 +135,7 @@ class FusionDataModule(pl.LightningDataModule):
         self.cameras = tuple(cameras)
         self.lidar_sweeps, self.radar_sweeps, self.radar_filters = lidar_sweeps, radar_sweeps, radar_filters
         self.lidar_sweep_stride = lidar_sweep_stride
+        self.class_balanced = class_balanced
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -205,7 +210,13 @@ class FusionDataModule(pl.LightningDataModule):
     def _loader(self, key: str, shuffle: bool, batch_size: int) -> DataLoader:
         if key not in self.datasets:
             raise RuntimeError(f"FusionDataModule: call setup() before asking for the {key} loader")
-        return DataLoader(self.datasets[key], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        sampler = None
+        if key == "train" and self.class_balanced:
+            dataset = self.datasets[key]
+            labels = [dataset.ground_truth(i).labels.numpy() for i in range(len(dataset))]
+            sampler, shuffle = class_balanced_sampler(labels, len(DETECTION_CLASSES)), False
+        return DataLoader(self.datasets[key], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers,
                           collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
                           drop_last=shuffle and len(self.datasets[key]) > batch_size)
 

@@ -22,7 +22,7 @@ from fusion.datasets.nuscenes_index import (DETECTION_EVAL_RANGE, INDEX_FORMAT, 
                                             index_fingerprint)
 from fusion.datasets.sample_builder import CHANNELS, ON_MISSING, SampleBuilder, SensorMessage
 from fusion.grid import BEVGrid
-from fusion.types import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, Sample
+from fusion.types import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, Boxes, Sample
 
 __all__ = ["CAN_MAX_GAP_S", "CHANNELS", "DETECTION_EVAL_RANGE", "INDEX_FORMAT", "ON_MISSING", "CanState", "MapLayer",
            "NuScenesDataset", "NuScenesIndex", "SampleBuilder", "SensorMessage", "build_index", "can_state_at",
@@ -90,6 +90,11 @@ class NuScenesDataset(torch.utils.data.Dataset):
             index.save(path)
         return index
 
+    def ground_truth(self, i: int) -> Boxes:
+        """The ground-truth Boxes of sample i (keyframe ego frame) under this dataset's box rules, read from the
+        index alone (no sensor file is opened)."""
+        return self.index.boxes(i, self.drop_empty_boxes, self.box_eval_range, self.drop_boxes_in_bike_rack)
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -150,7 +155,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
         sample = self.builder.build(
             token=str(self.index.sample_token[i]), scene_name=str(self.index.sample_scene[i]),
             can_state=self.can_state(i), map_layer=map_layer,
-            boxes=self.index.boxes(i, self.drop_empty_boxes, self.box_eval_range, self.drop_boxes_in_bike_rack),
+            boxes=self.ground_truth(i),
             **self.messages(i))
         if map_reason is not None:
             sample.missing["MAP"] = map_reason

@@ -104,6 +104,11 @@ BRANCHES = {
                                                         bev_blocks=1),
     "lidar_pillar_fine": lambda grid=GRID: LidarPillarBranch(grid, out_channels=8, pillar_upsample=2,
                                                              pillar_channels=8, hidden_channels=8, bev_blocks=1),
+    "lidar_pillar_motion": lambda grid=GRID: LidarPillarBranch(grid, out_channels=8, pillar_upsample=2,
+                                                               pillar_channels=8, hidden_channels=8, bev_blocks=1,
+                                                               time_slices=4, time_slice_s=0.15),
+    "lidar_motion": lambda grid=GRID: small_lidar(grid, time_slices=3, time_slice_s=0.2),
+    "camera_depth_supervised": lambda grid=GRID: small_camera(grid, depth_loss_weight=1.0),
     "radar": lambda grid=GRID: RadarBranch(grid, out_channels=8, pillar_channels=8, hidden_channels=8, bev_blocks=1),
     "gps": lambda grid=GRID: GpsBranch(grid, out_channels=8, map_channels=(8, 8), ego_embedding=8),
 }

@@ -527,3 +527,23 @@ def test_model_benchmark_runs_on_random_samples(tmp_path):
     assert code == 0 and figures["samples"].startswith("random samples")
     assert figures["inference_frames_per_s"] > 0 and figures["train_samples_per_s"] > 0
     assert figures["modalities"] == ["camera", "lidar", "radar", "gps"]
+
+
+def test_branch_losses_join_the_training_loss_only_in_training():
+    torch.manual_seed(0)
+    branches = [partial(BRANCHES["camera"], depth_loss_weight=2.0), BRANCHES["lidar"]]
+    model = FusionDetector(GRID, branches, fuser=partial(DeformableFuser, channels=16, heads=2, points=2),
+                           head=partial(CenterHead, shared_channels=16, head_channels=16))
+    batch = make_batch(2, seed=3)
+    model.train()
+    losses, _ = model.compute_losses(batch)
+    assert "camera_depth" in losses and losses["camera_depth"] > 0
+    head_only = losses["heatmap"] * model.loss.heatmap_weight + losses["regression"] * model.loss.regression_weight \
+        + losses["attribute"] * model.loss.attribute_weight
+    assert losses["loss"].item() == pytest.approx((head_only + losses["camera_depth"]).item(), rel=1e-5)
+    model.eval()
+    eval_losses, _ = model.compute_losses(batch)
+    assert "camera_depth" not in eval_losses
+    # Without the camera in the batch the branch does not run, and its depth loss is not there either.
+    model.train()
+    assert "camera_depth" not in model.compute_losses(batch.without("camera"))[0]
