@@ -111,6 +111,15 @@ class BEVGrid:
         grid_row, grid_col = torch.meshgrid(rows, cols, indexing="ij")
         return self.cell_to_xy(grid_row, grid_col)
 
+    def normalized_xyz(self, xyz: torch.Tensor) -> torch.Tensor:
+        """Ego-frame points xyz [..., 3] (meters) relative to the centre of the grid's box over its half extent: the
+        box maps to [-1, 1]^3 (network inputs of order 1)."""
+        centre = xyz.new_tensor([(self.x_min + self.x_max) / 2, (self.y_min + self.y_max) / 2,
+                                 (self.z_min + self.z_max) / 2])
+        half = xyz.new_tensor([(self.x_max - self.x_min) / 2, (self.y_max - self.y_min) / 2,
+                               (self.z_max - self.z_min) / 2])
+        return (xyz - centre) / half
+
     def to_normalized(self, xy: torch.Tensor) -> torch.Tensor:
         """Ego-frame xy [..., 2] (meters) -> coordinates in [-1, 1] for `torch.nn.functional.grid_sample` on a
         [B, C, H, W] BEV tensor (align_corners=False): -1/+1 are the outer edges of the grid."""

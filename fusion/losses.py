@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.heads.centerpoint import REGRESSION_WIDTH, HeadOutput
-from fusion.heads.decode import HeadTargets, relevant_attribute_mask
+from fusion.heads.centerpoint import REGRESSION_WIDTH, HeadOutput, regression_slice
+from fusion.heads.decode import HeadTargets, axis_and_direction, relevant_attribute_mask
 
 
 def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
@@ -50,18 +50,22 @@ class CenterPointLoss(nn.Module):
         code_weights: per-channel L1 weights in REGRESSION_FIELDS order (offset 2, height, log size 3, sin/cos 2,
             velocity 2); CenterPoint's nuScenes setting down-weights velocity to 0.2.
         attribute_weight: weight of the attribute cross-entropy (class-relevant attributes only).
+        direction_weight: weight of the front / back binary cross-entropy when the head has a direction classifier
+            (its rotation channels are then compared with (sin 2 yaw, cos 2 yaw)); SECOND uses 0.2.
         focal_alpha / focal_gamma: the focal loss exponents.
     """
 
     def __init__(self, heatmap_weight: float = 1.0, regression_weight: float = 0.25,
                  code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2),
-                 attribute_weight: float = 0.2, focal_alpha: float = 2.0, focal_gamma: float = 4.0):
+                 attribute_weight: float = 0.2, focal_alpha: float = 2.0, focal_gamma: float = 4.0,
+                 direction_weight: float = 0.2):
         super().__init__()
         if len(code_weights) != REGRESSION_WIDTH:
             raise ValueError(f"CenterPointLoss: code_weights needs {REGRESSION_WIDTH} values, got {len(code_weights)}")
         self.heatmap_weight, self.regression_weight, self.attribute_weight = (heatmap_weight, regression_weight,
                                                                               attribute_weight)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.direction_weight = direction_weight
         self.register_buffer("code_weights", torch.tensor(code_weights, dtype=torch.float32), persistent=False)
 
     def forward(self, output: HeadOutput, targets: HeadTargets) -> dict[str, Tensor]:
@@ -69,12 +73,37 @@ class CenterPointLoss(nn.Module):
             out = output.float()
             heatmap = gaussian_focal_loss(out.heatmap, targets.heatmap, self.focal_alpha, self.focal_gamma)
             predicted = gather_at(out.regression(), targets.index)
-            regression = masked_l1(predicted, targets.regression, targets.mask, self.code_weights)
+            regression_targets = targets.regression
+            parts = {}
+            if out.direction is not None:
+                regression_targets, direction_target = self._axis_targets(targets)
+                parts["direction"] = self._direction_loss(out.direction, direction_target, targets)
+            regression = masked_l1(predicted, regression_targets, targets.mask, self.code_weights)
             attribute = self._attribute_loss(out.attribute, targets)
             total = (self.heatmap_weight * heatmap + self.regression_weight * regression
-                     + self.attribute_weight * attribute)
+                     + self.attribute_weight * attribute + self.direction_weight * parts.get("direction", 0.0))
         return {"loss": total, "heatmap": heatmap.detach(), "regression": regression.detach(),
-                "attribute": attribute.detach()}
+                "attribute": attribute.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    @staticmethod
+    def _axis_targets(targets: HeadTargets) -> tuple[Tensor, Tensor]:
+        """Regression targets with the rotation channels as (sin 2 yaw, cos 2 yaw), and the front / back label
+        [B, N], from the (sin yaw, cos yaw) targets."""
+        rotation = regression_slice("rotation")
+        sin_cos = targets.regression[..., rotation]
+        yaw = torch.atan2(sin_cos[..., 0], sin_cos[..., 1])
+        double, direction = axis_and_direction(yaw)
+        regression = targets.regression.clone()
+        regression[..., rotation] = double
+        return regression, direction
+
+    @staticmethod
+    def _direction_loss(direction_maps: Tensor, direction_target: Tensor, targets: HeadTargets) -> Tensor:
+        """Binary cross-entropy of the front / back logit at each object's centre cell, mean over objects."""
+        logits = gather_at(direction_maps, targets.index)[..., 0]  # [B, N]
+        if not bool(targets.mask.any()):
+            return logits.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(logits[targets.mask], direction_target[targets.mask])
 
     @staticmethod
     def _attribute_loss(attribute_maps: Tensor, targets: HeadTargets) -> Tensor:

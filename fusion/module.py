@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import asdict, is_dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -39,20 +39,37 @@ FuserFactory = Callable[[BEVGrid, dict[str, int]], nn.Module]
 HeadFactory = Callable[[BEVGrid, int], nn.Module]
 
 
-def drop_modalities(present: dict[str, Tensor], modalities: tuple[str, ...], probability: float,
-                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Per-sample modality dropout: each present modality of each sample is removed with `probability`, but a
-    sample never loses all of its modalities (one of its present ones, chosen at random, is kept).
+def dropout_probabilities(probability: float | Mapping[str, float], modalities: tuple[str, ...]) -> list[float]:
+    """The dropout probability of each of `modalities` from one number or a {modality: probability} mapping
+    (modalities it does not name: 0); ValueError unless every probability is in [0, 1)."""
+    if isinstance(probability, Mapping):
+        unknown = set(probability) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"modality_dropout names unknown modalities {sorted(unknown)}; expected {MODALITIES}")
+        values = [float(probability.get(m, 0.0)) for m in modalities]
+    else:
+        values = [float(probability)] * len(modalities)
+    for m, value in zip(modalities, values):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"modality_dropout for {m} must be in [0, 1), got {value}")
+    return values
+
+
+def drop_modalities(present: dict[str, Tensor], modalities: tuple[str, ...],
+                    probability: float | Mapping[str, float], generator: torch.Generator | None = None
+                    ) -> dict[str, Tensor]:
+    """Per-sample modality dropout: each present modality of each sample is removed with its probability (one
+    number for all, or {modality: probability}), but a sample never loses all of its modalities (one of its present
+    ones, chosen at random, is kept).
 
     present: {modality: [B] bool}; only `modalities` take part (others are returned unchanged)."""
-    if probability <= 0.0 or not modalities:
+    probabilities = dropout_probabilities(probability, modalities)
+    if not modalities or max(probabilities) <= 0.0:
         return dict(present)
-    if probability >= 1.0:
-        raise ValueError(f"modality_dropout must be below 1, got {probability}")
     stacked = torch.stack([present[m].bool() for m in modalities], dim=1)  # [B, M]
     device = stacked.device
     draw = torch.rand(stacked.shape, generator=generator, device="cpu" if generator is not None else device)
-    kept = stacked & (draw.to(device) >= probability)
+    kept = stacked & (draw.to(device) >= torch.tensor(probabilities, device=device))
     lost_all = stacked.any(dim=1) & ~kept.any(dim=1)
     pick = torch.rand(stacked.shape, generator=generator, device="cpu" if generator is not None else device)
     pick = pick.to(device).masked_fill(~stacked, -1.0).argmax(dim=1)  # a random present modality per sample
@@ -150,7 +167,8 @@ class FusionDetector(pl.LightningModule):
         loss: the head loss; default CenterPointLoss().
         modalities: use only the branches of these modalities (ablations: `--model.modalities [camera]`); None uses
             every branch.
-        modality_dropout: training-time probability of removing each present modality of each sample (never all of
+        modality_dropout: training-time probability of removing each present modality of each sample, one number or
+            {modality: probability} (e.g. a higher one for LiDAR teaches the others to carry on without it; never all of
             a sample's modalities); 0 disables it.
         temporal_fusion: fuse the previous keyframe's fused BEV of the same scene, warped into the current ego
             frame by the ego poses (fusion.temporal.TemporalAligner); see `TemporalFusion`.
@@ -160,7 +178,8 @@ class FusionDetector(pl.LightningModule):
             1% of lr, per step) or "none".
         warmup_fraction: share of the training steps spent warming up (one-cycle's pct_start).
         score_threshold / max_boxes / pool_size / heading_from_motion: decoding (fusion.heads.decode.decode_boxes;
-            heading_from_motion, m/s, turns a moving box's heading to agree with its predicted velocity).
+            heading_from_motion, m/s: a box predicted to move at least that fast takes its heading from its velocity,
+            "flip": turned by pi if it points against the motion, "direction": the motion's direction).
         gaussian_overlap / min_radius: target heatmap Gaussians (CenterPoint's gaussian_radius).
     """
 
@@ -172,7 +191,7 @@ class FusionDetector(pl.LightningModule):
         head: HeadFactory | None = None,
         loss: CenterPointLoss | None = None,
         modalities: list[str] | None = None,
-        modality_dropout: float = 0.0,
+        modality_dropout: float | dict[str, float] = 0.0,
         temporal_fusion: bool = False,
         temporal_max_gap_s: float = 0.75,
         lr: float = 2e-3,
@@ -183,6 +202,7 @@ class FusionDetector(pl.LightningModule):
         max_boxes: int = 500,
         pool_size: int = 3,
         heading_from_motion: float | None = None,
+        heading_from_motion_mode: Literal["direction", "flip"] = "flip",
         gaussian_overlap: float = 0.1,
         min_radius: int = 2,
     ):
@@ -198,8 +218,7 @@ class FusionDetector(pl.LightningModule):
             raise ValueError(f"FusionDetector: grid must be a BEVGrid, got {type(grid).__name__}")
         if not branches:
             raise ValueError("FusionDetector needs at least one branch")
-        if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"FusionDetector: modality_dropout must be in [0, 1), got {modality_dropout}")
+        dropout_probabilities(modality_dropout, MODALITIES)  # ValueError naming the bad entry
         self.grid = grid
         built = [factory(grid) for factory in branches]
         names = [getattr(b, "modality", None) for b in built]
@@ -288,7 +307,8 @@ class FusionDetector(pl.LightningModule):
         """Raw head maps -> Boxes per sample (ego frame) with this model's decoding settings."""
         threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
         return decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
-                            self.hparams.get("pool_size", 3), self.hparams.get("heading_from_motion"))
+                            self.hparams.get("pool_size", 3), self.hparams.get("heading_from_motion"),
+                            self.hparams.get("heading_from_motion_mode", "flip"))
 
     def contribution_maps(self) -> Tensor:
         """[B, M, H, W] per-modality share of the attention for the last batch (order: `last_attention.modalities`)."""

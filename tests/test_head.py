@@ -262,3 +262,49 @@ def test_head_rejects_wrong_grid():
     head = CenterHead(GRID, in_channels=4)
     with pytest.raises(ValueError, match="grid"):
         head(torch.zeros(1, 4, 10, 10))
+
+
+def test_direction_classifier_encoding_round_trips_every_heading():
+    from fusion.heads.decode import axis_and_direction, decode_yaw
+    yaw = torch.linspace(-math.pi + 1e-4, math.pi, 721)
+    double, direction = axis_and_direction(yaw)
+    logit = (direction * 2 - 1)[:, None] * 5.0
+    decoded = decode_yaw(double, logit)
+    error = torch.remainder(decoded - yaw + math.pi, 2 * math.pi) - math.pi
+    assert error.abs().max() < 1e-4
+    # the axis is the same for yaw and yaw + pi: only the direction label differs
+    double_flipped, direction_flipped = axis_and_direction(yaw + math.pi)
+    assert torch.allclose(double, double_flipped, atol=1e-5)
+    away_from_edge = (torch.cos(yaw).abs() > 1e-3) & (torch.sin(yaw).abs() > 1e-3)
+    assert torch.equal(direction[away_from_edge], 1 - direction_flipped[away_from_edge])
+
+
+def test_head_with_direction_classifier_trains_and_decodes_headings():
+    from fusion.losses import CenterPointLoss
+    torch.manual_seed(0)
+    head = CenterHead(GRID, 8, shared_channels=8, head_channels=8, direction_classifier=True)
+    output = head(torch.randn(2, 8, *GRID.shape))
+    assert output.direction.shape == (2, 1, *GRID.shape)
+    boxes = [make_boxes(6, seed=4), make_boxes(3, seed=5)]
+    targets = encode_targets(boxes, GRID)
+    losses = CenterPointLoss()(output, targets)
+    assert losses["direction"] > 0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert head.direction[-1].weight.grad.abs().sum() > 0
+    # Perfect maps in the axis encoding decode to the true headings.
+    from fusion.heads.decode import axis_and_direction
+    perfect = perfect_output(targets)
+    h, w = GRID.shape
+    rotation, direction = torch.zeros(2, 2, h * w), torch.zeros(2, 1, h * w)
+    for b in range(2):
+        idx = targets.index[b][targets.mask[b]]
+        yaw = torch.atan2(targets.regression[b, targets.mask[b], 6], targets.regression[b, targets.mask[b], 7])
+        double, front = axis_and_direction(yaw)
+        rotation[b][:, idx] = double.T
+        direction[b][0, idx] = front * 10 - 5
+    perfect.rotation, perfect.direction = rotation.view(2, 2, h, w), direction.view(2, 1, h, w)
+    decoded = decode_boxes(perfect, GRID, score_threshold=0.5)
+    for got, truth in zip(decoded, boxes):
+        got = got.select(match(got, truth))
+        error = torch.remainder(got.yaw - truth.yaw + math.pi, 2 * math.pi) - math.pi
+        assert error.abs().max() < 1e-4

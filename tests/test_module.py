@@ -547,3 +547,18 @@ def test_branch_losses_join_the_training_loss_only_in_training():
     # Without the camera in the batch the branch does not run, and its depth loss is not there either.
     model.train()
     assert "camera_depth" not in model.compute_losses(batch.without("camera"))[0]
+
+
+def test_modality_dropout_per_modality():
+    g = torch.Generator().manual_seed(1)
+    present = {m: torch.ones(6000, dtype=torch.bool) for m in MODALITIES}
+    dropped = drop_modalities(present, MODALITIES, {"lidar": 0.5, "camera": 0.1}, generator=g)
+    assert 0.45 < 1 - dropped["lidar"].float().mean() < 0.55
+    assert 0.05 < 1 - dropped["camera"].float().mean() < 0.15
+    assert dropped["radar"].all() and dropped["gps"].all()  # not named: never dropped
+    with pytest.raises(ValueError, match="sonar"):
+        drop_modalities(present, MODALITIES, {"sonar": 0.5})
+    with pytest.raises(ValueError, match="lidar"):
+        tiny_model(modality_dropout={"lidar": 1.0})
+    with pytest.raises(ValueError, match="modality_dropout"):
+        tiny_model(modality_dropout=1.5)

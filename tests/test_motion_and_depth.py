@@ -64,16 +64,23 @@ def test_time_slices_leave_out_points_outside_the_grid_slices_or_finite_values()
     assert empty.shape == (2, 2, 4, 4) and not empty.any()
 
 
-def test_heading_is_turned_to_agree_with_a_clear_motion_only():
+def test_heading_follows_a_clear_motion_only():
     yaw = torch.tensor([0.0, 0.0, math.pi / 2, 0.0, 3.0])
-    velocity = torch.tensor([[-5.0, 0.0], [5.0, 0.0], [0.0, -2.0], [-0.5, 0.0], [4.0, 0.5]])
-    aligned = align_heading_with_motion(yaw, velocity, min_speed=1.0)
-    assert aligned[0].abs() == pytest.approx(math.pi)       # drove backwards by its heading: turned
-    assert aligned[1] == pytest.approx(0.0)                  # agrees: kept
-    assert aligned[2] == pytest.approx(-math.pi / 2)         # turned to face its motion
-    assert aligned[3] == pytest.approx(0.0)                  # too slow to tell: kept
-    assert aligned[4] == pytest.approx(3.0 - math.pi)        # wrapped into (-pi, pi]
-    assert (aligned.abs() <= math.pi + 1e-6).all()
+    velocity = torch.tensor([[-5.0, 0.0], [5.0, 0.1], [0.0, -2.0], [-0.5, 0.0], [4.0, 0.5]])
+    flipped = align_heading_with_motion(yaw, velocity, min_speed=1.0, mode="flip")
+    assert flipped[0].abs() == pytest.approx(math.pi)       # drove backwards by its heading: turned
+    assert flipped[1] == pytest.approx(0.0)                  # agrees: kept
+    assert flipped[2] == pytest.approx(-math.pi / 2)         # turned to face its motion
+    assert flipped[3] == pytest.approx(0.0)                  # too slow to tell: kept
+    assert flipped[4] == pytest.approx(3.0 - math.pi)        # wrapped into (-pi, pi]
+    direction = align_heading_with_motion(yaw, velocity, min_speed=1.0)
+    assert direction[0].abs() == pytest.approx(math.pi)
+    assert direction[1] == pytest.approx(math.atan2(0.1, 5.0))  # the direction of motion, not the regressed yaw
+    assert direction[3] == pytest.approx(0.0)
+    assert direction[4] == pytest.approx(math.atan2(0.5, 4.0))
+    assert (direction.abs() <= math.pi + 1e-6).all()
+    with pytest.raises(ValueError, match="mode"):
+        align_heading_with_motion(yaw, velocity, 1.0, mode="average")
 
 
 def _front_camera():

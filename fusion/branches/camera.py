@@ -105,11 +105,9 @@ class CameraBranch(nn.Module):
         meters); camera_sample [Nv] int64 is each camera's sample index. -> [B, C * Z, Hp, Wp]."""
         grid = self.pool_grid
         z_step = (grid.z_max - grid.z_min) / self.height_bins
-        col = torch.floor((points[..., 0] - grid.x_min) / grid.cell_size).long()
-        row = torch.floor((points[..., 1] - grid.y_min) / grid.cell_size).long()
+        row, col, inside = grid.cell_index(points[..., :2])
         level = torch.floor((points[..., 2] - grid.z_min) / z_step).long()
-        inside = ((col >= 0) & (col < grid.width) & (row >= 0) & (row < grid.height) & (level >= 0)
-                  & (level < self.height_bins) & torch.isfinite(points).all(-1))
+        inside &= (level >= 0) & (level < self.height_bins) & torch.isfinite(points[..., 2])
         # Only the points inside the grid are lifted: [P, C] features depth x context (the full [Nv, D, h, w, C]
         # volume is never built) and their [P, 4] (sample, level, row, col) cells.
         cam, bin_, v, u = torch.nonzero(inside, as_tuple=True)

@@ -123,11 +123,6 @@ def check_power_of_two(value: int, name: str) -> None:
         raise ValueError(f"{name} must be a power of two >= 1, got {value!r}")
 
 
-def grid_point_range(grid: BEVGrid) -> tuple[float, float, float, float, float, float]:
-    """(x_min, y_min, z_min, x_max, y_max, z_max) of the grid in meters: the `point_range` of the cuda_ops."""
-    return (grid.x_min, grid.y_min, grid.z_min, grid.x_max, grid.y_max, grid.z_max)
-
-
 class PointMLP(nn.Sequential):
     """Per-point Linear -> LayerNorm -> ReLU. LayerNorm (not BatchNorm) so that a batch with zero, one or a handful
     of points behaves exactly like a large one."""
@@ -153,7 +148,7 @@ class PillarEncoder(nn.Module):
         super().__init__()
         self.pillar_grid = pillar_grid
         self.voxel_size = (pillar_grid.cell_size, pillar_grid.cell_size, pillar_grid.z_max - pillar_grid.z_min)
-        self.point_range = grid_point_range(pillar_grid)
+        self.point_range = pillar_grid.point_range
         self.pfn1 = PointMLP(in_features + self.extra_features, hidden_channels)
         self.pfn2 = PointMLP(2 * hidden_channels, out_channels - 1)
         self.out_channels = out_channels
@@ -176,8 +171,7 @@ class PillarEncoder(nn.Module):
                 num_pillars = pillar_cells.shape[0]
                 pillar_size = xyz.new_tensor(self.voxel_size)
                 mean_xyz = scatter_reduce(xyz, pillar, num_pillars, "mean")[pillar]
-                center_xy = torch.stack([grid.x_min + (col.to(xyz.dtype) + 0.5) * grid.cell_size,
-                                         grid.y_min + (row.to(xyz.dtype) + 0.5) * grid.cell_size], dim=-1)
+                center_xy = grid.cell_to_xy(row, col, dtype=xyz.dtype)
                 features = torch.cat([point_features, (xyz - mean_xyz) / pillar_size,
                                       (xyz[:, :2] - center_xy) / pillar_size[:2]], dim=-1)
                 hidden = self.pfn1(features)

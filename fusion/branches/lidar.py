@@ -18,7 +18,7 @@ from torch import nn
 
 import spconv.pytorch as spconv
 from fusion.branches.common import (BEVEncoder, Downsample, PillarEncoder, PointMLP, check_power_of_two,
-                                    grid_point_range, time_slice_occupancy)
+                                    time_slice_occupancy)
 from fusion.cuda_ops import hard_voxelize
 from fusion.grid import BEVGrid
 from fusion.sparse import SingleThreadSparse, patch_spconv_cpu
@@ -33,12 +33,8 @@ LIDAR_ATTRIBUTE_SCALE = (1.0 / 255.0, 1.0)
 def _normalised_lidar_features(points: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
     """[N, 5] LiDAR columns -> [N, 5] network inputs of order 1: x, y, z relative to the grid centre over its half
     extent, intensity / 255, time lag in seconds."""
-    centre = points.new_tensor([(grid.x_min + grid.x_max) / 2, (grid.y_min + grid.y_max) / 2,
-                                (grid.z_min + grid.z_max) / 2])
-    half = points.new_tensor([(grid.x_max - grid.x_min) / 2, (grid.y_max - grid.y_min) / 2,
-                              (grid.z_max - grid.z_min) / 2])
     scale = points.new_tensor(LIDAR_ATTRIBUTE_SCALE)
-    return torch.cat([(points[:, :3] - centre) / half, points[:, 3:5] * scale], dim=-1)
+    return torch.cat([grid.normalized_xyz(points[:, :3]), points[:, 3:5] * scale], dim=-1)
 
 
 class SparseBatchNorm(nn.BatchNorm1d):
@@ -110,7 +106,7 @@ class LidarBranch(nn.Module):
         self.grid = grid
         self.voxel_grid = grid.upsampled(voxel_upsample)
         self.voxel_size = (self.voxel_grid.cell_size, self.voxel_grid.cell_size, voxel_height)
-        self.point_range = grid_point_range(grid)
+        self.point_range = grid.point_range
         self.spatial_shape = [int(round(depth)), self.voxel_grid.height, self.voxel_grid.width]  # (Z, Y, X)
         self.max_points_per_voxel = max_points_per_voxel
         self.max_voxels = max_voxels

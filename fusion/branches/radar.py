@@ -50,17 +50,12 @@ class RadarBranch(nn.Module):
     def point_features(self, points: torch.Tensor) -> torch.Tensor:
         """[R, 8] radar columns -> [R, 8 + dyn_prop_embedding] network inputs of order 1."""
         grid = self.grid
-        xyz = points[:, :3]
-        centre = xyz.new_tensor([(grid.x_min + grid.x_max) / 2, (grid.y_min + grid.y_max) / 2,
-                                 (grid.z_min + grid.z_max) / 2])
-        half = xyz.new_tensor([(grid.x_max - grid.x_min) / 2, (grid.y_max - grid.y_min) / 2,
-                               (grid.z_max - grid.z_min) / 2])
         attributes = torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
         rcs = attributes[:, _COLUMN["rcs"]] * RCS_SCALE
         velocity = attributes[:, [_COLUMN["vx_comp"], _COLUMN["vy_comp"]]] * VELOCITY_SCALE
         time_lag = attributes[:, _COLUMN["time_lag"]]
         dyn_prop = attributes[:, _COLUMN["dyn_prop"]].round().long().clamp(0, self.dyn_prop_classes - 1)
-        return torch.cat([(xyz - centre) / half, rcs[:, None], velocity, velocity.norm(dim=-1, keepdim=True),
+        return torch.cat([self.grid.normalized_xyz(points[:, :3]), rcs[:, None], velocity, velocity.norm(dim=-1, keepdim=True),
                           time_lag[:, None], self.dyn_prop_embedding(dyn_prop)], dim=-1)
 
     def forward(self, batch: Batch) -> torch.Tensor:

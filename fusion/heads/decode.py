@@ -110,8 +110,7 @@ def encode_targets(boxes: list[Boxes], grid: BEVGrid, min_overlap: float = 0.1, 
         index[i, :n] = row * width + col
         mask[i, :n] = True
         labels[i, :n] = b.labels
-        offset = torch.stack([(center[:, 0] - grid.x_min) / grid.cell_size - col,
-                              (center[:, 1] - grid.y_min) / grid.cell_size - row], dim=1)
+        offset = grid.cell_coordinates(center[:, :2]) - torch.stack([col, row], dim=1)
         regression[i, :n] = torch.cat([offset, center[:, 2:3], torch.log(b.size.float()),
                                        torch.sin(b.yaw.float())[:, None], torch.cos(b.yaw.float())[:, None],
                                        b.velocity.float()], dim=1)
@@ -143,25 +142,53 @@ def _draw_gaussians(heatmap: Tensor, labels: Tensor, row: Tensor, col: Tensor, l
     heatmap.view(-1).scatter_reduce_(0, flat[valid], gauss[valid], reduce="amax", include_self=True)
 
 
-def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float) -> Tensor:
-    """yaw [...] (radians) turned by pi where the speed of velocity [..., 2] (m/s, same frame) is at least min_speed
-    and the heading points against it (more than 90 degrees apart), wrapped to (-pi, pi]."""
-    speed = velocity.norm(dim=-1)
-    against = (torch.cos(yaw) * velocity[..., 0] + torch.sin(yaw) * velocity[..., 1]) < 0
-    flipped = torch.atan2(-torch.sin(yaw), -torch.cos(yaw))
-    return torch.where(against & (speed >= min_speed), flipped, yaw)
+def axis_and_direction(yaw: Tensor) -> tuple[Tensor, Tensor]:
+    """The targets of the direction-classifier encoding for headings yaw [...] (radians): (sin 2 yaw, cos 2 yaw)
+    [..., 2] and the front / back label [...] float, 1 where yaw is the axis angle a = atan2(sin 2 yaw, cos 2 yaw) / 2
+    (up to rounding) and 0 where it is a + pi."""
+    double = torch.stack([torch.sin(2 * yaw), torch.cos(2 * yaw)], dim=-1)
+    axis = torch.atan2(double[..., 0], double[..., 1]) / 2
+    return double, (torch.cos(yaw - axis) > 0).to(yaw.dtype)
+
+
+def decode_yaw(rotation: Tensor, direction_logit: Tensor | None = None) -> Tensor:
+    """Headings [...] (radians, in (-pi, pi]) from rotation [..., 2]: (sin yaw, cos yaw) when direction_logit is
+    None; else the axis (sin 2 yaw, cos 2 yaw) and direction_logit [..., 1] (> 0: the axis angle, else + pi)."""
+    if direction_logit is None:
+        return torch.atan2(rotation[..., 0], rotation[..., 1])
+    axis = torch.atan2(rotation[..., 0], rotation[..., 1]) / 2
+    flipped = torch.atan2(-torch.sin(axis), -torch.cos(axis))
+    return torch.where(direction_logit[..., 0] > 0, axis, flipped)
+
+
+def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, mode: str = "direction") -> Tensor:
+    """yaw [...] (radians) where the speed of velocity [..., 2] (m/s, same frame) is at least min_speed:
+    mode "direction" replaces it by the direction of motion (road users move forwards); mode "flip" only turns it by
+    pi when it points against the motion (more than 90 degrees apart). Wrapped to (-pi, pi]; slower boxes keep it."""
+    if mode not in ("direction", "flip"):
+        raise ValueError(f"heading_from_motion mode must be 'direction' or 'flip', got {mode!r}")
+    moving = velocity.norm(dim=-1) >= min_speed
+    if mode == "direction":
+        heading = torch.atan2(velocity[..., 1], velocity[..., 0])
+    else:
+        against = (torch.cos(yaw) * velocity[..., 0] + torch.sin(yaw) * velocity[..., 1]) < 0
+        heading = torch.where(against, torch.atan2(-torch.sin(yaw), -torch.cos(yaw)), yaw)
+    return torch.where(moving, heading, yaw)
 
 
 def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1, max_boxes: int = 500,
-                 pool_size: int = 3, heading_from_motion: float | None = None) -> list[Boxes]:
+                 pool_size: int = 3, heading_from_motion: float | None = None,
+                 heading_from_motion_mode: str = "flip") -> list[Boxes]:
     """Raw head maps -> Boxes per sample in the ego frame, best first, at most `max_boxes` each.
 
     A peak is a cell whose class probability (sigmoid of the heatmap logit) is the maximum of its
     pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
     dropped. Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
-    heading_from_motion: a speed (m/s); a box predicted to move at least that fast whose heading points against its
-        velocity (more than 90 degrees apart) is turned by pi: objects drive forwards, and the velocity tells front
-        from back where the shape alone cannot. None leaves headings as predicted.
+    heading_from_motion: a speed (m/s); a box predicted to move at least that fast takes the direction of its
+        predicted velocity as heading (road users move forwards; on moving objects the velocity's direction is a
+        sharper cue than the heading regressed from a few coarse BEV cells, and it tells front from back) with
+        heading_from_motion_mode "direction", or is turned by pi when it points against it with "flip" (the axis
+        stays the regressed one). None leaves headings as predicted.
     """
     if max_boxes < 1:
         raise ValueError(f"decode_boxes: max_boxes must be >= 1, got {max_boxes}")
@@ -185,13 +212,11 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
 
     offset, z, log_size = gather(out.offset), gather(out.height), gather(out.size)
     rotation, velocity, attr_logits = gather(out.rotation), gather(out.velocity), gather(out.attribute)
-    x = grid.x_min + (col + offset[..., 0]) * grid.cell_size
-    y = grid.y_min + (row + offset[..., 1]) * grid.cell_size
-    center = torch.stack([x, y, z[..., 0]], dim=-1)
+    center = torch.cat([grid.cell_to_xy(row, col, offset[..., :2]), z], dim=-1)
     size = torch.exp(log_size.clamp(max=math.log(100.0)))
-    yaw = torch.atan2(rotation[..., 0], rotation[..., 1])
+    yaw = decode_yaw(rotation, gather(out.direction) if out.direction is not None else None)
     if heading_from_motion is not None:
-        yaw = align_heading_with_motion(yaw, velocity, heading_from_motion)
+        yaw = align_heading_with_motion(yaw, velocity, heading_from_motion, heading_from_motion_mode)
     relevant = relevant_attribute_mask(heat.device)[labels]  # [B, k, 8]
     attributes = attr_logits.masked_fill(~relevant, float("-inf")).argmax(dim=-1)
     attributes = torch.where(relevant.any(dim=-1), attributes, torch.full_like(attributes, NO_ATTRIBUTE))
