@@ -51,6 +51,11 @@ class SensorMessage:
     intrinsics: np.ndarray | None = None
 
 
+def strided_sweeps(previous: Sequence, count: int, stride: int) -> list:
+    """Of the previous sweeps (newest first), every stride-th (the stride-th, 2 * stride-th, ...), at most count."""
+    return list(previous)[stride - 1::stride][:count]
+
+
 @dataclass
 class SampleBuilder:
     """Sensor messages -> `Sample` in the ego frame at the LIDAR_TOP keyframe timestamp.
@@ -116,8 +121,7 @@ class SampleBuilder:
 
     def select_sweeps(self, sweeps: Sequence[SensorMessage]) -> list[SensorMessage]:
         """The previous sweeps (newest first) this builder uses: every lidar_sweep_stride-th, at most lidar_sweeps."""
-        stride = int(self.lidar_sweep_stride)
-        return list(sweeps)[stride - 1::stride][: self.lidar_sweeps]
+        return strided_sweeps(sweeps, int(self.lidar_sweeps), int(self.lidar_sweep_stride))
 
     def build(self, *, token: str, scene_name: str, keyframe_lidar: SensorMessage,
               lidar_sweeps: Sequence[SensorMessage] = (),

@@ -255,7 +255,7 @@ class FusionDetector(pl.LightningModule):
     # ---------------------------------------------------------------- forward / inference
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
         """Batch -> (raw head maps, attention weights). `present` overrides batch.present (e.g. after dropout).
-        A branch runs only if at least one sample of the batch may use its modality."""
+        In eval mode a branch runs only if at least one sample of the batch may use its modality."""
         output, attention, _ = self.forward_with_losses(batch, present, branch_losses=False)
         return output, attention
 
@@ -269,7 +269,9 @@ class FusionDetector(pl.LightningModule):
         losses: dict[str, Tensor] = {}
         for name, branch in self.branches.items():
             mask = present.get(name)
-            if mask is None or not bool(mask.any()):
+            # In training every branch runs, even when dropout or the data left its modality out of the whole batch
+            # (the fuser masks it): all parameters take part in every step, as DDP requires.
+            if mask is None or not (bool(mask.any()) or self.training):
                 continue
             masks[name] = mask.to(self.device)
             if branch_losses and hasattr(branch, "forward_with_losses"):

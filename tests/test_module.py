@@ -544,9 +544,14 @@ def test_branch_losses_join_the_training_loss_only_in_training():
     model.eval()
     eval_losses, _ = model.compute_losses(batch)
     assert "camera_depth" not in eval_losses
-    # Without the camera in the batch the branch does not run, and its depth loss is not there either.
+    # With the camera masked out of the whole batch (dropout) the branch still runs in training, so that every
+    # parameter takes part in every step (DDP), and its depth supervision still applies; the fuser ignores it.
     model.train()
-    assert "camera_depth" not in model.compute_losses(batch.without("camera"))[0]
+    model.zero_grad()
+    masked_losses, _ = model.compute_losses(batch.without("camera"))
+    assert "camera_depth" in masked_losses
+    masked_losses["loss"].backward()
+    assert all(p.grad is not None for p in model.branches["camera"].parameters() if p.requires_grad)
 
 
 def test_modality_dropout_per_modality():

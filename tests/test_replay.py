@@ -265,7 +265,8 @@ def test_keyframe_frames_equal_the_datasets_samples(nusc, tiny, tiny_dataroot, s
     """At keyframe sweeps the nearest-in-tolerance policy picks exactly the nuScenes keyframe messages, so the
     replayed Sample (ego motion compensated by the same SampleBuilder) equals the dataset's."""
     model, data = tiny
-    policy = SyncPolicy(keyframes_only=True, lidar_sweeps=data.lidar_sweeps, radar_sweeps=data.radar_sweeps)
+    policy = SyncPolicy(keyframes_only=True, lidar_sweeps=data.lidar_sweeps, lidar_sweep_stride=data.lidar_sweep_stride,
+                        radar_sweeps=data.radar_sweeps)
     engine = engine_for_scene(nusc, scene_with_can, StubDetector(), data, policy)
     frames = list(engine.frames())
     dataset = data.make_dataset(tiny_dataroot.train_split, train=False)
@@ -281,7 +282,8 @@ def test_keyframe_frames_equal_the_datasets_samples(nusc, tiny, tiny_dataroot, s
             assert frame.messages[channel][0] == sample_record["data"][channel], channel
         lidar = channel_chain(nusc, scene_with_can, LIDAR_NAME)
         index = [r["token"] for r in lidar].index(frame.token)
-        previous = [r["token"] for r in lidar[max(0, index - data.lidar_sweeps):index]][::-1]
+        stride = data.lidar_sweep_stride  # every stride-th previous sweep, newest first
+        previous = [r["token"] for r in lidar[:index]][::-1][stride - 1::stride][:data.lidar_sweeps]
         assert frame.messages[LIDAR_NAME] == [frame.token] + previous
         torch.testing.assert_close(frame.sample.lidar, expected.lidar, rtol=0, atol=0)
         torch.testing.assert_close(frame.sample.radar, expected.radar, rtol=0, atol=0)

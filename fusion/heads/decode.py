@@ -183,7 +183,8 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
 
     A peak is a cell whose class probability (sigmoid of the heatmap logit) is the maximum of its
     pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
-    dropped. Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
+    dropped. A centre lies in its peak's cell (the offset is clamped to [0, 1] cells, as the encoding has it).
+    Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
     heading_from_motion: a speed (m/s); a box predicted to move at least that fast takes the direction of its
         predicted velocity as heading (road users move forwards; on moving objects the velocity's direction is a
         sharper cue than the heading regressed from a few coarse BEV cells, and it tells front from back) with
@@ -212,7 +213,8 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
 
     offset, z, log_size = gather(out.offset), gather(out.height), gather(out.size)
     rotation, velocity, attr_logits = gather(out.rotation), gather(out.velocity), gather(out.attribute)
-    center = torch.cat([grid.cell_to_xy(row, col, offset[..., :2]), z], dim=-1)
+    # the encoding puts a centre inside its peak's cell (offset in [0, 1)): an offset outside is an error, clamped
+    center = torch.cat([grid.cell_to_xy(row, col, offset[..., :2].clamp(0.0, 1.0)), z], dim=-1)
     size = torch.exp(log_size.clamp(max=math.log(100.0)))
     yaw = decode_yaw(rotation, gather(out.direction) if out.direction is not None else None)
     if heading_from_motion is not None:

@@ -36,7 +36,7 @@ from fusion.datasets.can_bus import CAN_KINDS, CAN_MAX_GAP_S, CanState, can_mess
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.drive_stream import CAN_PREFIX, StreamMessage, can_channel
 from fusion.datasets.map_layer import MapLayer
-from fusion.datasets.sample_builder import CHANNELS, SampleBuilder, SensorMessage
+from fusion.datasets.sample_builder import CHANNELS, SampleBuilder, SensorMessage, strided_sweeps
 from fusion.fuser import FusionAttention, contribution_maps
 from fusion.replay.clock import PlaybackClock
 from fusion.replay.latency import LatencyHistogram
@@ -132,7 +132,7 @@ class ReplayEngine:
         self.policy = policy or SyncPolicy()
         self.read_errors: list[tuple[SensorMessage, Exception]] = []
         self.builder = replace(builder, on_missing="mark_missing", lidar_sweeps=self.policy.lidar_sweeps,
-                               lidar_sweep_stride=self.policy.lidar_sweep_stride,
+                               lidar_sweep_stride=1,  # _assemble picks the strided sweeps itself
                                radar_sweeps=self.policy.radar_sweeps,
                                on_read_error=lambda message, error: self.read_errors.append((message, error)))
         self.clock = clock or PlaybackClock(rate)
@@ -340,8 +340,9 @@ class ReplayEngine:
         policy, keyframe = self.policy, trigger.entry
         t = keyframe.timestamp_us
         oldest = t - int(policy.max_sweep_age_s * 1e6)
-        selected: dict[str, list[_Entry]] = {LIDAR_NAME: [keyframe] + self._previous(LIDAR_NAME, t, oldest,
-                                                                                     policy.previous_sweeps_needed)}
+        previous = self._previous(LIDAR_NAME, t, oldest, policy.previous_sweeps_needed)
+        selected: dict[str, list[_Entry]] = {
+            LIDAR_NAME: [keyframe] + strided_sweeps(previous, policy.lidar_sweeps, policy.lidar_sweep_stride)}
         reasons: dict[str, str] = {}
         for channel in self.builder.radars:
             entry, reason = self._nearest(channel, t, policy.radar_tolerance_s)
