@@ -81,6 +81,9 @@ class FusionDataModule(pl.LightningDataModule):
             probability 0.5), translation_std_m (normal, per axis x/y/z), image_resize_range (random image
             resize factor before the crop, None for none).
         drop_empty_boxes: the devkit's rule (boxes without LiDAR and radar points are not ground truth).
+        supervision_modalities: sensors kept in the training samples as supervision only, not as model inputs
+            (e.g. [lidar] for a camera-only model whose depth is supervised by LiDAR); the reader always reads the
+            LiDAR keyframe sweep, and validation / test samples never keep them.
         class_balanced: draw training keyframes with class-balanced weights (fusion.datasets.sampling; CBGS-style)
             instead of shuffling.
     """
@@ -113,6 +116,7 @@ class FusionDataModule(pl.LightningDataModule):
         image_resize_range: tuple[float, float] | None = (0.94, 1.06),
         drop_empty_boxes: bool = True,
         class_balanced: bool = False,
+        supervision_modalities: list[str] = [],
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["grid"])
@@ -136,6 +140,11 @@ class FusionDataModule(pl.LightningDataModule):
         self.lidar_sweeps, self.radar_sweeps, self.radar_filters = lidar_sweeps, radar_sweeps, radar_filters
         self.lidar_sweep_stride = lidar_sweep_stride
         self.class_balanced = class_balanced
+        unknown = set(supervision_modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"FusionDataModule: supervision_modalities must be a subset of {MODALITIES}, "
+                             f"got {list(supervision_modalities)}")
+        self.supervision_modalities = tuple(m for m in supervision_modalities if m not in self.modalities)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -151,7 +160,7 @@ class FusionDataModule(pl.LightningDataModule):
     def transforms(self, train: bool) -> Compose:
         """The per-sample pipeline: drop unused sensors, (train) BEV augmentation, point-range filter, image
         resize/crop to image_size."""
-        steps: list = [KeepModalities(self.modalities)]
+        steps: list = [KeepModalities(self.modalities + (self.supervision_modalities if train else ()))]
         if train and self.augment:
             angle = math.radians(self.rotation_deg)
             steps.append(GlobalAugmentation(

@@ -141,3 +141,16 @@ def test_camera_depth_loss_only_in_training_and_only_when_asked():
     assert plain.forward_with_losses(batch)[1] == {}
     with pytest.raises(ValueError, match="depth_loss_weight"):
         CameraBranch(GRID, depth_loss_weight=-1.0)
+
+
+def test_supervision_modalities_stay_in_training_samples_only(tiny_dataroot):
+    from fusion.datasets.datamodule import FusionDataModule
+    data = FusionDataModule(str(tiny_dataroot.dataroot), tiny_dataroot.version, tiny_dataroot.train_split,
+                            tiny_dataroot.val_split, grid=BEVGrid(cell_size=1.6), modalities=["camera"],
+                            image_size=(32, 64), supervision_modalities=["lidar"], num_workers=0)
+    train = data.make_dataset(tiny_dataroot.train_split, train=True)[0]
+    val = data.make_dataset(tiny_dataroot.val_split, train=False)[0]
+    assert train.lidar is not None and train.lidar.shape[0] > 0 and train.cameras is not None
+    assert val.lidar is None and val.cameras is not None
+    with pytest.raises(ValueError, match="supervision_modalities"):
+        FusionDataModule(str(tiny_dataroot.dataroot), modalities=["camera"], supervision_modalities=["sonar"])
