@@ -16,7 +16,7 @@ import numpy as np
 from . import shapes
 from .raycast import GROUND, NO_HIT, STATIC, SceneGeometry
 from .rig import RADAR_FAR_FOV_DEG, RADAR_FAR_RANGE, RADAR_NEAR_FOV_DEG, RADAR_NEAR_RANGE
-from .world import A_STOPPED
+from .actors import A_STOPPED
 
 RADAR_DTYPE = np.dtype([
     ("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("dyn_prop", "i1"), ("id", "<i2"), ("rcs", "<f4"), ("vx", "<f4"),

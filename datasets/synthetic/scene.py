@@ -27,7 +27,8 @@ from .raycast import SceneGeometry
 from .rig import CAMERAS, LIDAR, RADARS, SENSOR_TOKENS, log_calibration
 from .roads import drivable_png
 from .taxonomy import ATTRIBUTE_TOKENS, CATEGORY_TOKENS
-from .world import ATTRIBUTE_NAMES, NO_ATTR, World, build_world
+from .actors import ATTRIBUTE_NAMES, NO_ATTR
+from .world import World, build_world
 
 #: Camera trigger offsets after the LiDAR keyframe timestamp, seconds (when the spinning LiDAR passes them).
 CAMERA_OFFSETS = {"CAM_FRONT": 0.012, "CAM_FRONT_RIGHT": 0.020, "CAM_BACK_RIGHT": 0.028, "CAM_BACK": -0.010,
