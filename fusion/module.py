@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
-from fusion.fuser import DeformableFuser, FusionAttention, contribution_maps, contribution_summary
+from fusion.fuser import DeformableFuser, FusionAttention
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead, HeadOutput
 from fusion.heads.decode import decode_boxes, encode_targets
@@ -249,8 +249,6 @@ class FusionDetector(pl.LightningModule):
         self.head = head(grid, fused_channels) if head is not None else CenterHead(grid, fused_channels)
         self.loss = loss if loss is not None else CenterPointLoss()
         self.modality_dropout = modality_dropout
-        self.last_attention: FusionAttention | None = None
-        self.validation_predictions: dict[str, Boxes] = {}
 
     # ---------------------------------------------------------------- forward / inference
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
@@ -286,7 +284,6 @@ class FusionDetector(pl.LightningModule):
         if self.temporal is not None:
             fused = self.temporal(fused, batch)
         output = self.head(fused)
-        self.last_attention = attention.detach()
         return output, attention, losses
 
     @torch.no_grad()
@@ -312,18 +309,6 @@ class FusionDetector(pl.LightningModule):
                             self.hparams.get("pool_size", 3), self.hparams.get("heading_from_motion"),
                             self.hparams.get("heading_from_motion_mode", "flip"))
 
-    def contribution_maps(self) -> Tensor:
-        """[B, M, H, W] per-modality share of the attention for the last batch (order: `last_attention.modalities`)."""
-        if self.last_attention is None:
-            raise RuntimeError("no batch has gone through the model yet")
-        return contribution_maps(self.last_attention)
-
-    def contribution_summary(self) -> dict[str, float]:
-        """{modality: mean attention share} over the last batch."""
-        if self.last_attention is None:
-            raise RuntimeError("no batch has gone through the model yet")
-        return contribution_summary(self.last_attention)
-
     # ---------------------------------------------------------------- training
     def compute_losses(self, batch: Batch, present: dict[str, Tensor] | None = None
                        ) -> tuple[dict[str, Tensor], HeadOutput]:
@@ -346,7 +331,6 @@ class FusionDetector(pl.LightningModule):
         return losses["loss"]
 
     def on_validation_epoch_start(self) -> None:
-        self.validation_predictions = {}
         if self.temporal is not None:
             self.temporal.reset()
 
@@ -354,13 +338,14 @@ class FusionDetector(pl.LightningModule):
         if self.temporal is not None:
             self.temporal.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, dict[str, Boxes]]:
+        """Logs the validation losses and returns {"predictions": {sample token: Boxes (ego frame, CPU)}}, which
+        the NuScenesDetectionMetrics callback collects and scores at the end of the epoch."""
         losses, output = self.compute_losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size,
                       on_epoch=True, sync_dist=True)
         boxes = self.decode(output)
-        for token, sample_boxes in zip(batch.tokens, boxes):
-            self.validation_predictions[token] = sample_boxes.to("cpu")
+        return {"predictions": {token: sample_boxes.to("cpu") for token, sample_boxes in zip(batch.tokens, boxes)}}
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Boxes]:
         output, _ = self(batch)

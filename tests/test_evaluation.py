@@ -395,8 +395,9 @@ def test_apply_condition_removes_sensors_and_adds_gps_noise():
 
 
 def test_callback_scores_validation_predictions_and_logs(tiny_dataroot, tiny_nusc):
-    """on_validation_epoch_end: skipped during the sanity check; otherwise the module's validation_predictions
-    (here ground truth cast to bf16, as under bf16 autocast) are scored and logged for ModelCheckpoint."""
+    """on_validation_epoch_end: skipped during the sanity check; otherwise the predictions collected from
+    validation_step's outputs (here ground truth cast to bf16, as under bf16 autocast) are scored and logged for
+    ModelCheckpoint."""
     from types import SimpleNamespace
 
     from fusion.datasets.nuscenes import NuScenesDataset
@@ -409,13 +410,19 @@ def test_callback_scores_validation_predictions_and_logs(tiny_dataroot, tiny_nus
         predictions[token] = Boxes(**{name: value.bfloat16() if value.is_floating_point() else value
                                       for name, value in vars(boxes).items()})
     logged = {}
-    module = SimpleNamespace(validation_predictions=predictions, modalities=("lidar", "camera"),
+    module = SimpleNamespace(modalities=("lidar", "camera"),
                              log=lambda name, value, **kwargs: logged.__setitem__(name, value))
     trainer = SimpleNamespace(sanity_checking=True, world_size=1, is_global_zero=True,
                               strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
                               datamodule=SimpleNamespace(dataroot=str(tiny_dataroot.dataroot),
                                                          version=tiny_dataroot.version))
     callback = NuScenesDetectionMetrics()
+    callback.on_validation_epoch_start(trainer, module)
+    tokens = list(predictions)
+    for i in range(0, 4, 2):  # two validation batches
+        callback.on_validation_batch_end(trainer, module, {"predictions": {t: predictions[t] for t in tokens[i:i + 2]}},
+                                         None, i // 2)
+    callback.on_validation_batch_end(trainer, module, None, None, 2)  # a step that returned nothing is ignored
     callback.on_validation_epoch_end(trainer, module)
     assert logged == {} and callback.last_summary is None
     trainer.sanity_checking = False

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -19,11 +20,10 @@ from fusion.branches.lidar import LidarPillarBranch
 from fusion.branches.radar import RadarBranch
 from fusion.checkpoints import load_run
 from fusion.datasets.collate import collate_samples
-from fusion.fuser import DeformableFuser
+from fusion.fuser import DeformableFuser, contribution_maps, contribution_summary
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead
 from fusion.module import FusionDetector, drop_modalities
-from fusion.types import CAMERA_NAMES, MODALITIES, Boxes, CameraImages, EgoState, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +108,16 @@ BRANCHES = {
 }
 
 
+class CollectPredictions(pl.Callback):
+    """Collects validation_step's returned predictions, as NuScenesDetectionMetrics does (without scoring)."""
+
+    def __init__(self):
+        self.predictions = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.predictions.update(outputs["predictions"])
+
+
 def tiny_model(modalities=MODALITIES, seed: int = 0, gps_corruption: bool = True, **kwargs) -> FusionDetector:
     torch.manual_seed(seed)
     branches = [partial(BRANCHES[m], train_corruption=gps_corruption) if m == "gps" else BRANCHES[m]
@@ -150,7 +160,7 @@ def test_every_modality_subset_runs_forward_and_backward(full_model, full_batch,
             assert all(torch.isfinite(g).all() for g in grads if g is not None)
         else:
             assert all(g is None or g.abs().sum() == 0 for g in grads), f"absent {name} got a gradient"
-    attention = model.last_attention
+    _, attention = model(batch)
     for i, name in enumerate(attention.modalities):
         if name not in subset:
             assert torch.all(attention.weights[:, :, i] == 0)
@@ -172,9 +182,9 @@ def test_per_sample_missing_modalities_and_an_empty_sample(full_model):
     assert present[0].tolist() == [m in ("lidar", "camera") for m in order]
     assert present[1].tolist() == [m in ("radar", "gps") for m in order]
     assert not present[2].any() and torch.all(attention.weights[2] == 0)
-    maps = model.contribution_maps()
+    maps = contribution_maps(attention)
     assert torch.allclose(maps[:2].sum(1), torch.ones(2, *GRID.shape), atol=1e-5)
-    summary = model.contribution_summary()
+    summary = contribution_summary(attention)
     assert set(summary) == set(order) and sum(summary.values()) == pytest.approx(1.0, abs=1e-5)
     boxes = model.predict_boxes(batch, score_threshold=0.0)
     assert len(boxes) == 3 and all(len(b) <= 500 for b in boxes)
@@ -202,8 +212,10 @@ def test_mixed_precision_keeps_attention_losses_and_decoding_in_float32(full_mod
         losses, output = model.compute_losses(full_batch)
     assert output.heatmap.dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-    assert model.last_attention.weights.dtype == torch.float32
     losses["loss"].backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, attention = model(full_batch)
+    assert attention.weights.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         boxes = model.predict_boxes(full_batch)
@@ -323,8 +335,10 @@ def test_lightning_fit_validate_and_weights_only_checkpoint(tmp_path):
     loader = torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=collate_samples)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    metrics = CollectPredictions()
+    trainer.callbacks.append(metrics)
     trainer.fit(model, loader, loader)
-    assert set(model.validation_predictions) == {s.token for s in samples}
+    assert set(metrics.predictions) == {s.token for s in samples}
     assert "val/loss" in trainer.callback_metrics and torch.isfinite(trainer.callback_metrics["val/loss"])
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -448,7 +462,7 @@ def test_real_scene_0061_frame_runs_through_the_full_model():
     assert ((x > grid.x_min - margin) & (x < grid.x_max + margin) & (y > grid.y_min - margin)
             & (y < grid.y_max + margin)).all()
     assert torch.isfinite(boxes.center).all() and (boxes.size > 0).all()
-    attention = model.last_attention
+    _, attention = model.predict(batch, score_threshold=0.0)
     for i, name in enumerate(attention.modalities):
         assert bool(attention.present[0, i]) == (name in ("lidar", "camera"))
         if name in ("radar", "gps"):
@@ -503,11 +517,12 @@ def test_datamodule_over_the_tiny_dataroot_feeds_the_model(tiny_dataroot, tmp_pa
     model = FusionDetector(grid, [BRANCHES["camera"], BRANCHES["lidar"], BRANCHES["radar"]],
                            fuser=partial(DeformableFuser, channels=16, heads=2, points=2),
                            head=partial(CenterHead, shared_channels=16, head_channels=16))
+    metrics = CollectPredictions()
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
                          accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[metrics])
     trainer.fit(model, datamodule=data)
-    assert set(model.validation_predictions) == set(data.datasets["val"].sample_tokens[:2])
+    assert set(metrics.predictions) == set(data.datasets["val"].sample_tokens[:2])
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
 
 

@@ -182,8 +182,9 @@ def _boxes_from_numpy(arrays: Mapping[str, np.ndarray]) -> Boxes:
 
 
 class NuScenesDetectionMetrics(Callback):
-    """After every validation epoch (not the sanity check), score the module's `validation_predictions`
-    ({sample token: Boxes in the ego frame}, filled by FusionDetector.validation_step) with the devkit's
+    """After every validation epoch (not the sanity check), score the epoch's predictions ({sample token: Boxes in
+    the ego frame}, returned by FusionDetector.validation_step as {"predictions": ...} and collected here) with the
+    devkit's
     DetectionEval (detection_cvpr_2019, no curves) and log `{prefix}NDS`, `{prefix}mAP`, the TP errors
     (`{prefix}mATE` ...) and `{prefix}samples` (how many samples were scored), so a ModelCheckpoint can monitor
     val/NDS.
@@ -199,6 +200,14 @@ class NuScenesDetectionMetrics(Callback):
         self.dataroot, self.version, self.prefix = dataroot, version, prefix
         self._nusc = None
         self.last_summary: dict | None = None
+        self.predictions: dict[str, Boxes] = {}
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.predictions = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, Mapping) and isinstance(outputs.get("predictions"), Mapping):
+            self.predictions.update(outputs["predictions"])
 
     def _tables(self, trainer) -> "NuScenes":
         datamodule = getattr(trainer, "datamodule", None)
@@ -222,8 +231,7 @@ class NuScenesDetectionMetrics(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        local = {token: _boxes_to_numpy(boxes)
-                 for token, boxes in getattr(pl_module, "validation_predictions", {}).items()}
+        local = {token: _boxes_to_numpy(boxes) for token, boxes in self.predictions.items()}
         gathered = [local]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * trainer.world_size if trainer.is_global_zero else None
