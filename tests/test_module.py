@@ -24,6 +24,7 @@ from fusion.fuser import DeformableFuser, contribution_maps, contribution_summar
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead
 from fusion.module import FusionDetector, drop_modalities
+from fusion.types import MODALITIES, Boxes, CameraImages, EgoState, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
