@@ -121,8 +121,7 @@ class DeformableFuser(nn.Module):
         centers = grid.cell_centers()
         self.register_buffer("reference", grid.to_normalized(centers), persistent=False)
         self.register_buffer("position_input", grid.to_normalized(centers).permute(2, 0, 1)[None], persistent=False)
-        self.register_buffer("cell_to_normalized", torch.tensor([2.0 / grid.width, 2.0 / grid.height]),
-                             persistent=False)
+        self.register_buffer("cell_to_normalized", torch.tensor(grid.normalized_cell_size), persistent=False)
 
     def _reset_attention(self, radius: float) -> None:
         """Deformable-DETR style start: point 0 at the cell itself, the others on rings around it, one direction per

@@ -127,6 +127,12 @@ class BEVGrid:
         v = (xy[..., 1] - self.y_min) / (self.y_max - self.y_min) * 2.0 - 1.0
         return torch.stack([u, v], dim=-1)
 
+    @property
+    def normalized_cell_size(self) -> tuple[float, float]:
+        """(x, y) size of one cell in `to_normalized` coordinates: an offset in cells times it is a grid_sample
+        offset."""
+        return 2.0 / self.width, 2.0 / self.height
+
     def warp(self, raster: torch.Tensor, target_to_source: torch.Tensor, mode: str = "bilinear"
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Resample `raster` [B, C, H, W] (on this grid, in a source ego frame) into a target ego frame.

@@ -128,3 +128,11 @@ def test_rigid_2d_rotates_counter_clockwise_then_translates():
     transform = rigid_2d(torch.tensor([math.pi / 2]), torch.tensor([[1.0, 2.0]]))
     moved = transform[0] @ torch.tensor([1.0, 0.0, 1.0])
     torch.testing.assert_close(moved, torch.tensor([1.0, 3.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_normalized_cell_size_is_one_cell_in_grid_sample_coordinates():
+    grid = BEVGrid(x_min=-8.0, x_max=8.0, y_min=-4.0, y_max=4.0, cell_size=1.0)
+    dx, dy = grid.normalized_cell_size
+    a = grid.to_normalized(torch.tensor([0.5, 0.5]))
+    b = grid.to_normalized(torch.tensor([1.5, 1.5]))
+    assert (b - a).tolist() == pytest.approx([dx, dy])

@@ -6,8 +6,9 @@
 - `LidarPillarBranch` (PointPillars style, for small/CPU configs): dynamic pillars (`dynamic_voxelize` +
   `scatter_reduce`), a PFN, scatter to the BEV, a small 2D CNN.
 
-Both use every column, the sweep time lag included. Importing this module patches spconv for CPU backward and the
-sparse encoder runs under the single-thread guard on CPU (fusion/sparse.py).
+Both use every column, the sweep time lag included, and can stack the per-sweep occupancy (`time_slices`). The
+sparse encoder runs under the single-thread guard on CPU, which applies spconv's CPU backward fix before first use
+(fusion/sparse.py); importing this module patches nothing.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ from fusion.branches.common import (BEVEncoder, Downsample, PillarEncoder, Point
                                     time_slice_occupancy)
 from fusion.cuda_ops import hard_voxelize
 from fusion.grid import BEVGrid
-from fusion.sparse import SingleThreadSparse, patch_spconv_cpu
+from fusion.sparse import SingleThreadSparse
 from fusion.types import LIDAR_FEATURES, Batch
-
-patch_spconv_cpu()
 
 #: Scale of the (intensity, time_lag) columns fed to the networks: nuScenes intensity is 0..255, lags are < 1 s.
 LIDAR_ATTRIBUTE_SCALE = (1.0 / 255.0, 1.0)
