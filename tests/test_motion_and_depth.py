@@ -73,7 +73,7 @@ def test_heading_follows_a_clear_motion_only():
     assert flipped[2] == pytest.approx(-math.pi / 2)         # turned to face its motion
     assert flipped[3] == pytest.approx(0.0)                  # too slow to tell: kept
     assert flipped[4] == pytest.approx(3.0 - math.pi)        # wrapped into (-pi, pi]
-    direction = align_heading_with_motion(yaw, velocity, min_speed=1.0)
+    direction = align_heading_with_motion(yaw, velocity, min_speed=1.0, mode="direction")
     assert direction[0].abs() == pytest.approx(math.pi)
     assert direction[1] == pytest.approx(math.atan2(0.1, 5.0))  # the direction of motion, not the regressed yaw
     assert direction[3] == pytest.approx(0.0)

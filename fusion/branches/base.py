@@ -12,6 +12,9 @@ Batch fields each branch reads (fusion.types.Batch; all in the keyframe ego fram
 - gps (fusion.branches.gps): `map_raster` [B, 1, H, W] (drivable area on the grid) and `ego` (EgoState: speed m/s,
   yaw rate rad/s, acceleration m/s^2, can_valid).
 All of them may read `batch_size`.
+
+A branch may also have `forward_with_losses(batch) -> (BEV, {name: loss})` for training losses of its own (the
+camera's LiDAR-supervised depth); FusionDetector uses it in training and adds the losses to the total.
 """
 from __future__ import annotations
 

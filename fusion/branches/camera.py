@@ -119,11 +119,14 @@ class CameraBranch(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Batch with cameras [B, Ncam, 3, H, W] uint8 -> [B, out_channels, grid.height, grid.width]."""
-        return self.forward_with_losses(batch)[0]
+        return self._run(batch, supervise=False)[0]
 
     def forward_with_losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the camera BEV as `forward`, {"camera_depth": weighted depth loss} in training with depth supervision on
         and LiDAR points in the batch, else {})."""
+        return self._run(batch, supervise=True)
+
+    def _run(self, batch: Batch, supervise: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch_size = batch.batch_size
         grid = self.pool_grid
         device = self.depth_centers.device
@@ -145,7 +148,7 @@ class CameraBranch(nn.Module):
             points = self.frustum_points(intrinsics, cam_to_ego, image_size, tuple(features.shape[-2:]))
             camera_sample = torch.div(index, num_cameras, rounding_mode="floor").to(device)
             pooled = self.splat(depth, context, points, camera_sample, batch_size)
-            if self.training and self.depth_loss_weight > 0 and batch.lidar_points.shape[0] > 0:
+            if supervise and self.training and self.depth_loss_weight > 0 and batch.lidar_points.shape[0] > 0:
                 with torch.no_grad():
                     target = lidar_depth_targets(batch.lidar_points.to(device), batch.lidar_batch.to(device),
                                                  camera_sample, intrinsics, cam_to_ego, image_size,

@@ -170,11 +170,8 @@ class LidarBranch(nn.Module):
             sparse = spconv.SparseConvTensor(features, coords, self.spatial_shape, batch_size)
             dense = self.sparse_encoder(sparse).dense()  # [B, C, Z', H, W]
             bev = dense.flatten(1, 2)
-        if self.time_slices:
-            points = batch.lidar_points.to(bev.device).float()
-            occupancy = time_slice_occupancy(points[:, :3], points[:, 4], batch.lidar_batch.to(bev.device),
-                                             batch_size, self.grid, self.time_slices, self.time_slice_s)
-            bev = torch.cat([bev, occupancy.to(bev.dtype)], dim=1)
+        bev = _with_time_slices(bev, batch.lidar_points.to(bev.device).float(), batch.lidar_batch.to(bev.device),
+                                self.grid, self.time_slices, self.time_slice_s)
         return self.bev_encoder(bev)
 
 
@@ -210,11 +207,19 @@ class LidarPillarBranch(nn.Module):
         features = _normalised_lidar_features(points, self.grid)
         sample_of_point = batch.lidar_batch.to(device)
         bev = self.pillars(points[:, :3], features, sample_of_point, batch.batch_size)
-        if self.time_slices:
-            occupancy = time_slice_occupancy(points[:, :3], points[:, 4], sample_of_point, batch.batch_size,
-                                             self.pillars.pillar_grid, self.time_slices, self.time_slice_s)
-            bev = torch.cat([bev, occupancy.to(bev.dtype)], dim=1)
+        bev = _with_time_slices(bev, points, sample_of_point, self.pillars.pillar_grid, self.time_slices,
+                                self.time_slice_s)
         return self.bev_encoder(self.downsample(bev))
+
+
+def _with_time_slices(bev: torch.Tensor, points: torch.Tensor, sample_of_point: torch.Tensor, grid: BEVGrid,
+                      slices: int, slice_s: float) -> torch.Tensor:
+    """bev [B, C, H, W] on `grid` with the per-sweep occupancy of the LiDAR points [P, 5] (LIDAR_FEATURES) stacked on
+    as `slices` more channels; bev itself when slices is 0."""
+    if not slices:
+        return bev
+    occupancy = time_slice_occupancy(points[:, :3], points[:, 4], sample_of_point, bev.shape[0], grid, slices, slice_s)
+    return torch.cat([bev, occupancy.to(bev.dtype)], dim=1)
 
 
 def _check_time_slices(time_slices: int, time_slice_s: float) -> None:

@@ -49,7 +49,6 @@ class RadarBranch(nn.Module):
 
     def point_features(self, points: torch.Tensor) -> torch.Tensor:
         """[R, 8] radar columns -> [R, 8 + dyn_prop_embedding] network inputs of order 1."""
-        grid = self.grid
         attributes = torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
         rcs = attributes[:, _COLUMN["rcs"]] * RCS_SCALE
         velocity = attributes[:, [_COLUMN["vx_comp"], _COLUMN["vy_comp"]]] * VELOCITY_SCALE

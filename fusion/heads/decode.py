@@ -151,17 +151,21 @@ def axis_and_direction(yaw: Tensor) -> tuple[Tensor, Tensor]:
     return double, (torch.cos(yaw - axis) > 0).to(yaw.dtype)
 
 
+def turned_around(yaw: Tensor) -> Tensor:
+    """yaw + pi wrapped to (-pi, pi], radians."""
+    return torch.atan2(-torch.sin(yaw), -torch.cos(yaw))
+
+
 def decode_yaw(rotation: Tensor, direction_logit: Tensor | None = None) -> Tensor:
     """Headings [...] (radians, in (-pi, pi]) from rotation [..., 2]: (sin yaw, cos yaw) when direction_logit is
     None; else the axis (sin 2 yaw, cos 2 yaw) and direction_logit [..., 1] (> 0: the axis angle, else + pi)."""
     if direction_logit is None:
         return torch.atan2(rotation[..., 0], rotation[..., 1])
     axis = torch.atan2(rotation[..., 0], rotation[..., 1]) / 2
-    flipped = torch.atan2(-torch.sin(axis), -torch.cos(axis))
-    return torch.where(direction_logit[..., 0] > 0, axis, flipped)
+    return torch.where(direction_logit[..., 0] > 0, axis, turned_around(axis))
 
 
-def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, mode: str = "direction") -> Tensor:
+def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, mode: str = "flip") -> Tensor:
     """yaw [...] (radians) where the speed of velocity [..., 2] (m/s, same frame) is at least min_speed:
     mode "direction" replaces it by the direction of motion (road users move forwards); mode "flip" only turns it by
     pi when it points against the motion (more than 90 degrees apart). Wrapped to (-pi, pi]; slower boxes keep it."""
@@ -172,7 +176,7 @@ def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, m
         heading = torch.atan2(velocity[..., 1], velocity[..., 0])
     else:
         against = (torch.cos(yaw) * velocity[..., 0] + torch.sin(yaw) * velocity[..., 1]) < 0
-        heading = torch.where(against, torch.atan2(-torch.sin(yaw), -torch.cos(yaw)), yaw)
+        heading = torch.where(against, turned_around(yaw), yaw)
     return torch.where(moving, heading, yaw)
 
 
