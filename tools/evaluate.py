@@ -16,6 +16,15 @@ Writes under --out:
 and prints the devkit's per-class table, mAP, NDS and TP errors (and the robustness table).
 
 The split is a devkit split name (mini_val, val, ...) or a custom one from <dataroot>/<version>/splits.json.
+Tracking (--task tracking): the checkpoint's detections over the split's scenes in time order, then the
+CenterPoint-style tracker (fusion.tracking), scored with the devkit's TrackingEval (tracking_nips_2019: AMOTA,
+AMOTP, MOTA, IDS, ...); or an existing tracking submission, validated first:
+    python tools/evaluate.py --task tracking --dataroot data/synthetic --version v1.0-synth --split synth_val \
+        --out outputs/eval_tracking --checkpoint outputs/main/train/checkpoints/last.ckpt
+    python tools/evaluate.py --task tracking --dataroot DIR --version V --split NAME --out DIR --results tracks.json
+writes results_nusc.json (the detections, checkpoint mode), tracking_results.json (the tracks, checkpoint mode),
+metrics_summary.json / metrics_details.json (the devkit's tracking metrics) and plots/*.pdf.
+
 Exit status: 0 on success, 2 for a bad argument or an invalid submission (the message names the sample / field).
 """
 from __future__ import annotations
@@ -37,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", required=True, help="table folder, e.g. v1.0-mini or v1.0-synth")
     parser.add_argument("--split", required=True, help="split to evaluate, e.g. mini_val or synth_val")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--task", choices=("detection", "tracking"), default="detection",
+                        help="what to score: detection (DetectionEval, default) or tracking (TrackingEval)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="Lightning checkpoint of a FusionDetector (tools/train.py saves the "
                         "model and data settings in it)")
@@ -62,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
     if args.results and args.config:
         parser.error("--config is only used with --checkpoint")
+    if args.task == "tracking" and args.robustness:
+        parser.error("--robustness scores detection only (leave out --task tracking)")
     return args
 
 
@@ -95,11 +108,9 @@ def score_condition(model, loader, nusc, split: str, tokens, condition, out: Pat
     return summary, results_path
 
 
-def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
+def load_model(args: argparse.Namespace):
+    """(model in eval mode on its device, its data module, the device) of --checkpoint."""
     import torch
-
-    from fusion.evaluation import (GpsNoise, RobustnessRow, format_robustness_table, robustness_conditions,
-                                   summary_scalars)
 
     from fusion.checkpoints import load_run
 
@@ -109,7 +120,14 @@ def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> di
                       if v is not None}
     run = load_run(args.checkpoint, args.config, dataroot=args.dataroot, version=args.version, split=args.split,
                    model_overrides=model_overrides, **data_overrides)
-    model, datamodule = run.model.to(device).eval(), run.data
+    return run.model.to(device).eval(), run.data, device
+
+
+def evaluate_checkpoint(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
+    from fusion.evaluation import (GpsNoise, RobustnessRow, format_robustness_table, robustness_conditions,
+                                   summary_scalars)
+
+    model, datamodule, device = load_model(args)
 
     def loader(condition):
         return condition_loader(datamodule, args.split, condition.lidar_keep_rings)
@@ -162,6 +180,35 @@ def evaluate_results(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
     return summary
 
 
+def evaluate_tracking(args: argparse.Namespace, nusc, tokens, out: Path) -> dict:
+    """--task tracking: the checkpoint's detections tracked per scene (or --results, a tracking submission), then
+    the devkit's TrackingEval. Returns its metrics summary."""
+    from fusion.evaluation import (load_submission, make_submission, predict_split, submission_meta,
+                                   validate_submission, write_submission)
+    from fusion.tracking import run_tracking_eval, track_submission, validate_tracking_submission
+
+    if args.checkpoint:
+        model, datamodule, device = load_model(args)
+        print(f"model: {args.checkpoint} ({', '.join(model.modalities)}) on {device}; split {args.split}: "
+              f"{len(tokens)} samples")
+        predictions, poses = predict_split(model, condition_loader(datamodule, args.split), progress=True)
+        detections = make_submission(predictions, poses, tokens, submission_meta(model.modalities))
+        validate_submission(detections, tokens, source="detections of the checkpoint")
+        print(f"detections: {write_submission(detections, out / 'results_nusc.json')}")
+        submission = track_submission(nusc, detections, tokens)
+        validate_tracking_submission(submission, tokens, source="tracker output")
+        results_path = write_submission(submission, out / "tracking_results.json")
+        print(f"tracks:     {results_path}")
+    else:
+        submission = load_submission(args.results)
+        validate_tracking_submission(submission, tokens, source=str(args.results))
+        results_path = Path(args.results)
+        print(f"{args.results}: valid tracking submission for {len(tokens)} samples of {args.split}")
+    summary = run_tracking_eval(nusc, args.split, results_path, out, render_curves=not args.no_curves)
+    print(f"metrics: {out / 'metrics_summary.json'}" + ("" if args.no_curves else f"\nplots: {out / 'plots'}"))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from fusion.evaluation import SubmissionError, load_nuscenes, split_sample_tokens
@@ -175,12 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         nusc = load_nuscenes(args.dataroot, args.version)
         tokens = split_sample_tokens(nusc, args.split)
         out.mkdir(parents=True, exist_ok=True)
-        summary = evaluate_checkpoint(args, nusc, tokens, out) if args.checkpoint else \
-            evaluate_results(args, nusc, tokens, out)
+        if args.task == "tracking":
+            summary = evaluate_tracking(args, nusc, tokens, out)
+        else:
+            summary = evaluate_checkpoint(args, nusc, tokens, out) if args.checkpoint else \
+                evaluate_results(args, nusc, tokens, out)
     except (SubmissionError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"NDS {summary['nd_score']:.4f}  mAP {summary['mean_ap']:.4f}")
+    if args.task == "tracking":
+        print(f"AMOTA {summary['amota']:.4f}  AMOTP {summary['amotp']:.4f}  MOTA {summary['mota']:.4f}  "
+              f"IDS {summary['ids']:.0f}  recall {summary['recall']:.4f}")
+    else:
+        print(f"NDS {summary['nd_score']:.4f}  mAP {summary['mean_ap']:.4f}")
     return 0
 
 

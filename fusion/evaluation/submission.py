@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -204,12 +204,12 @@ def write_submission(submission: Mapping, path: str | os.PathLike) -> Path:
 class SubmissionError(ValueError):
     """A submission that does not follow the nuScenes format; `problems` lists each one (token and field named)."""
 
-    def __init__(self, source: str, problems: list[str], limit: int = 20):
+    def __init__(self, source: str, problems: list[str], limit: int = 20, kind: str = "detection"):
         self.source = source
         self.problems = list(problems)
         shown = "\n".join(f"  - {p}" for p in problems[:limit])
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        super().__init__(f"{source}: invalid nuScenes detection submission ({len(problems)} problem(s)):\n"
+        super().__init__(f"{source}: invalid nuScenes {kind} submission ({len(problems)} problem(s)):\n"
                          f"{shown}{more}")
 
 
@@ -262,13 +262,18 @@ def _box_problems(where: str, token: str, box: Any) -> list[str]:
     return problems
 
 
-def validate_submission(submission: Any, sample_tokens: Sequence[str], source: str = "submission") -> None:
+def validate_submission(submission: Any, sample_tokens: Sequence[str], source: str = "submission",
+                        box_problems: Callable[[str, str, Any], list[str]] | None = None,
+                        kind: str = "detection") -> None:
     """Check a submission dict against the nuScenes detection format for a split; raise SubmissionError listing
     every problem (missing or unknown sample tokens, missing meta or fields, bad class or attribute names,
-    non-finite numbers, non-unit quaternions, negative sizes, scores outside [0, 1], more than 500 boxes)."""
+    non-finite numbers, non-unit quaternions, negative sizes, scores outside [0, 1], more than 500 boxes).
+    box_problems(where, token, box) -> problems checks one box (default: the detection format's; the tracking
+    format passes its own, fusion.tracking.submission); kind names the format in the error."""
+    box_problems = box_problems or _box_problems
     if not isinstance(submission, dict):
         raise SubmissionError(source, [f"top level must be an object with 'meta' and 'results', got "
-                                       f"{type(submission).__name__}"])
+                                       f"{type(submission).__name__}"], kind=kind)
     problems = []
     meta = submission.get("meta")
     if meta is None:
@@ -285,7 +290,7 @@ def validate_submission(submission: Any, sample_tokens: Sequence[str], source: s
     if not isinstance(results, dict):
         problems.append("missing 'results' (an object: sample token -> list of boxes)" if results is None
                         else f"results: must be an object, got {type(results).__name__}")
-        raise SubmissionError(source, problems)
+        raise SubmissionError(source, problems, kind=kind)
     split = set(sample_tokens)
     missing = [t for t in sample_tokens if t not in results]
     if missing:
@@ -301,9 +306,9 @@ def validate_submission(submission: Any, sample_tokens: Sequence[str], source: s
         if len(boxes) > MAX_BOXES_PER_SAMPLE:
             problems.append(f"results[{token!r}]: {len(boxes)} boxes, at most {MAX_BOXES_PER_SAMPLE} allowed")
         for i, box in enumerate(boxes):
-            problems.extend(_box_problems(f"results[{token!r}][{i}]", token, box))
+            problems.extend(box_problems(f"results[{token!r}][{i}]", token, box))
     if problems:
-        raise SubmissionError(source, problems)
+        raise SubmissionError(source, problems, kind=kind)
 
 
 def load_submission(path: str | os.PathLike) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -37,10 +37,12 @@ from fusion.datasets.collate import collate_samples
 from fusion.datasets.drive_stream import CAN_PREFIX, StreamMessage, can_channel
 from fusion.datasets.map_layer import MapLayer
 from fusion.datasets.sample_builder import CHANNELS, SampleBuilder, SensorMessage, strided_sweeps
+from fusion.evaluation.submission import boxes_to_submission
 from fusion.fuser import FusionAttention, contribution_maps
 from fusion.replay.clock import PlaybackClock
 from fusion.replay.latency import LatencyHistogram
 from fusion.replay.policy import NOMINAL_SWEEP_INTERVAL_US, SyncPolicy
+from fusion.tracking.tracker import Tracker
 from fusion.types import LIDAR_NAME, Boxes, Sample
 
 COUNT_KEYS: tuple[str, ...] = ("received", "used", "skipped", "corrupt", "missing_file", "out_of_order", "late")
@@ -86,7 +88,9 @@ class FrameResult:
     latency_ms: from the moment the frame's data was complete (its ready time on the playback clock; the start of
     its processing when running as fast as possible) to its detections; processing_ms: assembly + model.
     late: see the module docstring. contributions: [M, H, W] per-modality attention share (order
-    `contribution_modalities`), or None.
+    `contribution_modalities`), or None. tracks: the tracker's tracks reported at this frame (GLOBAL frame; dicts
+    of fusion.tracking.Track.to_dict: tracking_id, tracking_name, translation, size, rotation, velocity,
+    tracking_score, age in frames); empty when the engine has no tracker.
     """
 
     index: int
@@ -106,6 +110,7 @@ class FrameResult:
     late: bool
     contributions: torch.Tensor | None = None
     contribution_modalities: tuple[str, ...] = ()
+    tracks: list[dict] = field(default_factory=list)
 
 
 class ReplayEngine:
@@ -117,6 +122,8 @@ class ReplayEngine:
         marked missing with `map_reason`). rate: 0 = as fast as possible, else a multiple of real time.
     max_lag_s: real-time modes drop a frame whose processing would start more than this after its ready time.
     trajectory_points: ego positions kept for the rendered trajectory (bounded).
+    tracker: a fusion.tracking.Tracker fed every processed frame's detections (global frame; its time is part of
+        the frame's processing time), or None for no tracks.
     Iterate `frames()` for the processed frames; the counters (`counts`, `frames_*`, `latency`, `buffer_high_water`)
     are complete once it is exhausted.
     """
@@ -125,7 +132,8 @@ class ReplayEngine:
                  transforms: Callable[[Sample], Sample] | None = None, policy: SyncPolicy | None = None,
                  rate: float = 0.0, max_lag_s: float = 0.25, scene_name: str = "", use_can: bool = True,
                  map_layer: MapLayer | None = None, map_reason: str = "no map layer",
-                 contributions: bool = True, trajectory_points: int = 2000, clock: PlaybackClock | None = None):
+                 contributions: bool = True, trajectory_points: int = 2000, clock: PlaybackClock | None = None,
+                 tracker: Tracker | None = None):
         if not max_lag_s > 0:
             raise ValueError(f"max_lag_s must be positive, got {max_lag_s}")
         self.source, self.detector, self.transforms = source, detector, transforms
@@ -140,6 +148,7 @@ class ReplayEngine:
         self.scene_name = scene_name or getattr(source, "scene_name", "")
         self.map_layer, self.map_reason = map_layer, map_reason
         self.want_contributions = contributions
+        self.tracker = tracker
         self.wanted = {LIDAR_NAME, *self.builder.radars, *self.builder.cameras}
         if use_can:
             self.wanted |= {can_channel(kind) for kind in CAN_KINDS}
@@ -288,6 +297,12 @@ class ReplayEngine:
         if self.want_contributions and attention is not None:
             contributions = contribution_maps(attention)[0].detach().cpu()
             modalities = tuple(attention.modalities)
+        keyframe = trigger.entry.message
+        ego_to_global = np.asarray(keyframe.sensor.ego_to_global, dtype=np.float64)
+        tracks = []
+        if self.tracker is not None:
+            detections = boxes_to_submission(keyframe.token, boxes, ego_to_global)
+            tracks = [t.to_dict() for t in self.tracker.update(detections, keyframe.timestamp_us * 1e-6)]
         end = self.clock.now()
         ready = self.clock.wall_at(trigger.ready_us) if self.clock.realtime else start
         latency_ms, processing_ms = (end - min(ready, start)) * 1e3, (end - start) * 1e3
@@ -301,14 +316,13 @@ class ReplayEngine:
             sensors_used.append("CAN")
         if sample.map_raster is not None:
             sensors_used.append("MAP")
-        keyframe = trigger.entry.message
         return FrameResult(
             index=self.frames_processed - 1, sweep_index=trigger.sweep_index, timestamp_us=keyframe.timestamp_us,
             token=keyframe.token, sample_token=keyframe.sample_token if keyframe.is_key_frame else "",
-            scene_name=self.scene_name, ego_to_global=np.asarray(keyframe.sensor.ego_to_global, dtype=np.float64),
+            scene_name=self.scene_name, ego_to_global=ego_to_global,
             boxes=boxes, sample=sample, sensors_used=sensors_used, sensors_missing=missing, messages=messages,
             latency_ms=latency_ms, processing_ms=processing_ms, late=bool(late), contributions=contributions,
-            contribution_modalities=modalities)
+            contribution_modalities=modalities, tracks=tracks)
 
     # -- sync --------------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from fusion.datasets.map_layer import load_map_layer
 from fusion.datasets.sample_builder import SampleBuilder
 from fusion.replay.engine import ReplayEngine
 from fusion.replay.policy import SyncPolicy
+from fusion.tracking.tracker import Tracker
 from fusion.types import MODALITIES
 
 
@@ -15,7 +16,8 @@ def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy |
                      can_bus=None, **engine_options) -> ReplayEngine:
     """A ReplayEngine over one scene, with the model's data settings (a FusionDataModule): its builder, its
     inference transforms, the scene's CAN bus (if the model uses GPS) and map layer. `policy` defaults to the data's
-    LiDAR / radar sweep counts; engine_options go to ReplayEngine."""
+    LiDAR / radar sweep counts; engine_options go to ReplayEngine (tracker defaults to a new CenterPoint-style
+    fusion.tracking.Tracker; pass tracker=None for no tracks)."""
     modalities = tuple(data.modalities)
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
@@ -36,6 +38,7 @@ def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy |
                 map_layer = load_map_layer(source.map_path)
             except (FileNotFoundError, ValueError) as error:
                 map_reason = str(error)
+    engine_options.setdefault("tracker", Tracker())
     return ReplayEngine(source, detector, builder, data.transforms(train=False), policy, rate=rate,
                         scene_name=scene_name, use_can=use_gps, map_layer=map_layer, map_reason=map_reason,
                         **engine_options)

@@ -26,7 +26,9 @@ from fusion.visualization import render_bev, render_contributions, side_by_side
 def frame_record(frame: FrameResult) -> dict:
     """The JSON Lines record of a frame: timestamp, tokens, latency, sensors, and the boxes in the GLOBAL frame
     (fusion.evaluation.submission.boxes_to_submission: translation m, size (w, l, h) m, rotation (w, x, y, z), velocity
-    (vx, vy) m/s in global axes, detection_name, detection_score, attribute_name)."""
+    (vx, vy) m/s in global axes, detection_name, detection_score, attribute_name), and the tracks reported at the
+    frame, also GLOBAL (tracking_id, tracking_name, translation, size, rotation, velocity, tracking_score, age in
+    frames; fusion.tracking.Track.to_dict)."""
     boxes = boxes_to_submission(frame.token, frame.boxes, frame.ego_to_global)
     for box in boxes:
         box.pop("sample_token", None)
@@ -43,6 +45,7 @@ def frame_record(frame: FrameResult) -> dict:
         "sensors_missing": frame.sensors_missing,
         "ego_to_global": frame.ego_to_global.tolist(),
         "boxes": boxes,
+        "tracks": list(frame.tracks),
     }
 
 

@@ -1,0 +1,125 @@
+"""The nuScenes tracking submission: detections (submission boxes, global frame) -> tracks per scene, the ground
+truth as a tracking submission, and checking a submission against the devkit's tracking format.
+
+A tracking submission is {"meta": {...}, "results": {sample_token: [box, ...]}} with boxes in the global frame:
+translation (m), size (w, l, h) (m), rotation (w, x, y, z), velocity (vx, vy) (m/s, global axes), tracking_id
+(a string, stable over a scene), tracking_name (one of TRACKING_CLASSES), tracking_score in [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from fusion.evaluation.submission import (MAX_BOXES_PER_SAMPLE, QUATERNION_NORM_TOLERANCE, SubmissionError,
+                                          _vector_problem, submission_meta, validate_submission)
+from fusion.tracking.tracker import TRACKING_CLASSES, Tracker, TrackerConfig
+from fusion.types import MODALITIES
+
+if TYPE_CHECKING:
+    from nuscenes import NuScenes
+
+TRACKING_BOX_FIELDS = ("sample_token", "translation", "size", "rotation", "velocity", "tracking_id",
+                       "tracking_name", "tracking_score")
+
+
+def scene_samples(nusc: "NuScenes", sample_tokens: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
+    """scene token -> [(sample token, timestamp s)] of the given samples, in time order."""
+    scenes: dict[str, list[tuple[str, float]]] = {}
+    for token in sample_tokens:
+        sample = nusc.get("sample", token)
+        scenes.setdefault(sample["scene_token"], []).append((token, sample["timestamp"] * 1e-6))
+    return {scene: sorted(samples, key=lambda item: item[1]) for scene, samples in scenes.items()}
+
+
+def track_submission(nusc: "NuScenes", detections: Mapping, sample_tokens: Sequence[str],
+                     config: TrackerConfig | None = None) -> dict:
+    """A tracking submission from a detection submission ({"meta", "results": {token: [submission box]}}, global
+    frame): one `Tracker` per scene run over its samples in time order; every sample of `sample_tokens` gets an
+    entry (possibly empty). Track IDs are unique over the whole submission."""
+    tracker = Tracker(config)
+    results: dict[str, list[dict]] = {}
+    for samples in scene_samples(nusc, sample_tokens).values():
+        tracker.reset()
+        for token, time_s in samples:
+            tracks = tracker.update(detections["results"].get(token, []), time_s)
+            results[token] = [_submission_box(token, track.to_dict()) for track in tracks[:MAX_BOXES_PER_SAMPLE]]
+    return {"meta": dict(detections["meta"]), "results": {token: results[token] for token in sample_tokens}}
+
+
+def _submission_box(token: str, track: Mapping) -> dict:
+    box = {"sample_token": token, **track}
+    box.pop("age", None)  # not a devkit field
+    return box
+
+
+def ground_truth_tracking_submission(nusc: "NuScenes", sample_tokens: Sequence[str]) -> dict:
+    """The ground truth of the samples as a tracking submission (score 1, tracking_id = the annotation's instance
+    token): the boxes the devkit evaluates (tracking classes, at least one LiDAR or radar point), velocity from the
+    devkit's box_velocity (0 where it has none). A perfect tracker; scoring it checks the pipeline."""
+    from nuscenes.eval.tracking.utils import category_to_tracking_name
+
+    results = {}
+    for token in sample_tokens:
+        boxes = []
+        for annotation_token in nusc.get("sample", token)["anns"]:
+            annotation = nusc.get("sample_annotation", annotation_token)
+            name = category_to_tracking_name(annotation["category_name"])
+            if name is None or annotation["num_lidar_pts"] + annotation["num_radar_pts"] == 0:
+                continue
+            velocity = np.nan_to_num(np.asarray(nusc.box_velocity(annotation_token), dtype=np.float64)[:2])
+            boxes.append({"sample_token": token, "translation": list(map(float, annotation["translation"])),
+                          "size": list(map(float, annotation["size"])),
+                          "rotation": list(map(float, annotation["rotation"])),
+                          "velocity": [float(v) for v in velocity], "tracking_id": annotation["instance_token"],
+                          "tracking_name": name, "tracking_score": 1.0})
+        results[token] = boxes
+    return {"meta": submission_meta(MODALITIES), "results": results}
+
+
+def tracking_box_problems(where: str, token: str, box: Any) -> list[str]:
+    """The problems of one tracking submission box (each naming `where` and the field)."""
+    if not isinstance(box, dict):
+        return [f"{where}: must be an object, got {type(box).__name__}"]
+    problems = [f"{where}: missing field {name!r}" for name in TRACKING_BOX_FIELDS if name not in box]
+    if box.get("sample_token", token) != token:
+        problems.append(f"{where}.sample_token: {box['sample_token']!r} differs from its results key {token!r}")
+    for name, length in (("translation", 3), ("size", 3), ("rotation", 4), ("velocity", 2)):
+        if name not in box:
+            continue
+        problem = _vector_problem(box[name], length)
+        if problem:
+            problems.append(f"{where}.{name}: {problem}")
+        elif name == "size" and min(box[name]) < 0:
+            problems.append(f"{where}.size: negative size {list(box[name])}")
+        elif name == "rotation":
+            norm = math.sqrt(sum(v * v for v in box[name]))
+            if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
+                problems.append(f"{where}.rotation: quaternion {list(box[name])} has norm {norm:.6g}, not 1")
+    if "tracking_id" in box and (not isinstance(box["tracking_id"], str) or not box["tracking_id"]):
+        problems.append(f"{where}.tracking_id: must be a non-empty string, got {box['tracking_id']!r}"[:200])
+    if "tracking_name" in box and box["tracking_name"] not in TRACKING_CLASSES:
+        problems.append(f"{where}.tracking_name: unknown class {box['tracking_name']!r}; expected one of "
+                        f"{list(TRACKING_CLASSES)}")
+    if "tracking_score" in box:
+        score = box["tracking_score"]
+        if (not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score)
+                or not 0.0 <= score <= 1.0):
+            problems.append(f"{where}.tracking_score: must be a finite number in [0, 1], got {score!r}")
+    return problems
+
+
+def validate_tracking_submission(submission: Any, sample_tokens: Sequence[str], source: str = "submission") -> None:
+    """Check a tracking submission for a split (every sample present, meta, the fields of every box, at most 500
+    boxes per sample, a tracking_id not used twice in one sample); raise SubmissionError listing every problem."""
+    validate_submission(submission, sample_tokens, source, box_problems=tracking_box_problems, kind="tracking")
+    problems = []
+    for token, boxes in submission["results"].items():
+        ids = [box["tracking_id"] for box in boxes]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            problems.append(f"results[{token!r}]: tracking_id {repeated[0]!r} used by {ids.count(repeated[0])} "
+                            f"boxes of one sample")
+    if problems:
+        raise SubmissionError(source, problems, kind="tracking")
