@@ -4,6 +4,7 @@ r"""Replay a recorded drive through a trained FusionDetector as if it were live 
     python tools/replay.py --dataroot data/synthetic --version v1.0-synth --scene scene-2009 \
         --checkpoint outputs/tiny_cpu/checkpoints/last.ckpt --out outputs/replay
     python tools/replay.py --dataroot DIR --version V --split synth_val --checkpoint CKPT --out DIR --rate 1.0
+    python tools/replay.py --scenario configs/scenarios/scene-2009_traffic.yaml --checkpoint CKPT --out DIR
 
 Every sample_data of the scene (LiDAR, radar and camera sweeps, not only keyframes) and its CAN bus messages are
 replayed in timestamp order. Without --scene, the first scene of --split is replayed. The model and its data
@@ -25,13 +26,28 @@ a frame is late when its processing starts after the next sweep's frame was read
 start more than --max-lag-ms after its own. Missing, corrupt, late and out-of-order messages are counted in the
 summary and skipped; they never stop the replay.
 
+Tracking: each frame's detections feed a CenterPoint-style tracker (fusion.tracking; greedy association by
+velocity-propagated centre distance, birth / death by score and age); its time counts as processing time.
+
+Scenarios (--scenario FILE, a YAML of fusion.scenarios.spec): the file names the drive (dataroot, version, scene;
+--dataroot / --version / --scene given on the command line win) and criteria (latency percentile, no dropped
+frames, detection / tracking metrics over a time window, an object of a class within range of the ego for N
+frames, no track ID switches of a named instance). After the replay a pass/fail table is printed and a JUnit XML
+written (--junit, default OUT/scenario_junit.xml).
+
+Exit status: 0 on success (every criterion passed), 2 for bad input (argument, scenario file, dataroot), 3 when
+the replay ran but a scenario criterion failed, 1 for a bug.
+
 Writes under --out:
     detections.jsonl   one line per processed frame: timestamp, LiDAR sample_data token, latency, sensors
-                       used / missing, boxes in the GLOBAL frame (class, score, velocity, attribute)
+                       used / missing, boxes in the GLOBAL frame (class, score, velocity, attribute), and
+                       "tracks": the tracks of the frame, GLOBAL frame (tracking_id, tracking_name, translation,
+                       size, rotation, velocity, tracking_score, age in frames)
     summary.json       frames processed / dropped / late, latency p50 / p95 / p99 ms, per-sensor message counts
                        (received, used, skipped, corrupt, missing_file, out_of_order, late), wall time
     frames/*.png       the BEV picture of every --png-every-th frame (0: none)
     replay.mp4         the drive (replay.gif with --video gif, or when ffmpeg fails)
+    scenario_junit.xml with --scenario: one testcase per criterion
 """
 from __future__ import annotations
 
@@ -58,9 +74,9 @@ def _rate(text: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataroot", required=True, help="nuScenes-format dataroot")
-    parser.add_argument("--version", required=True, help="table folder, e.g. v1.0-mini or v1.0-synth")
-    where = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--dataroot", help="nuScenes-format dataroot (required unless --scenario names it)")
+    parser.add_argument("--version", help="table folder, e.g. v1.0-mini or v1.0-synth (required unless --scenario)")
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--scene", help="scene name, e.g. scene-0061")
     where.add_argument("--split", help="replay the first scene of this split (devkit or splits.json name)")
     parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint of a FusionDetector")
@@ -87,7 +103,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--radar-sweeps", type=int, default=None, help="sweeps per radar (default: the config's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--score-threshold", type=float, default=None, help="decoding threshold (default: model's)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not track (the records' tracks stay empty)")
+    parser.add_argument("--scenario", help="scenario YAML: the drive and the criteria its replay must meet")
+    parser.add_argument("--junit", help="where --scenario writes its JUnit XML (default OUT/scenario_junit.xml)")
     args = parser.parse_args(argv)
+    if args.scenario is None:
+        for name in ("dataroot", "version"):
+            if getattr(args, name) is None:
+                parser.error(f"--{name} is required (or a --scenario that names the drive)")
+        if args.scene is None and args.split is None:
+            parser.error("one of --scene / --split is required (or a --scenario that names the drive)")
+    if args.no_tracking and args.scenario:
+        parser.error("--scenario needs the tracks (leave out --no-tracking)")
     for name in ("every_k_sweeps",):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -105,8 +132,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from fusion.checkpoints import load_run
     from fusion.replay import SyncPolicy, engine_for_scene, first_scene_of_split, run_replay
+    from fusion.scenarios import load_scenario
 
+    scenario = None
     try:
+        if args.scenario is not None:
+            scenario = load_scenario(args.scenario)
+            args.dataroot = args.dataroot or scenario.drive.dataroot
+            args.version = args.version or scenario.drive.version
+            if args.scene is None and args.split is None:
+                args.scene = scenario.drive.scene
         dataroot, checkpoint = Path(args.dataroot), Path(args.checkpoint)
         if not (dataroot / args.version).is_dir():
             raise FileNotFoundError(f"--dataroot {dataroot} has no table folder {args.version!r}")
@@ -129,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             (data.radar_sweeps if "radar" in data.modalities else 1),
             camera_tolerance_s=args.camera_tolerance_ms / 1e3, radar_tolerance_s=args.radar_tolerance_ms / 1e3,
             wait_s=args.sync_wait_ms / 1e3, max_sweep_age_s=args.max_age_ms / 1e3)
+        engine_options = {"tracker": None} if args.no_tracking else {}
         engine = engine_for_scene(nusc, scene, model, data, policy, rate=args.rate,
-                                  max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions)
-    except (FileNotFoundError, ValueError) as error:
+                                  max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions,
+                                  **engine_options)
+    except (FileNotFoundError, ValueError) as error:  # ScenarioError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"replaying {scene} of {dataroot}/{args.version} at rate {args.rate or 'max'} on {device} "
@@ -158,7 +195,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pictures:   {outputs.frames_dir}/")
     if outputs.video is not None:
         print(f"video:      {outputs.video} ({summary['video']['frames']} frames)")
+    if scenario is not None:
+        return judge(scenario, scene, nusc, summary, outputs, args)
     return 0
+
+
+def judge(scenario, scene: str, nusc, summary: dict, outputs, args: argparse.Namespace) -> int:
+    """Print the scenario's pass/fail table and write its JUnit XML; 0 when every criterion passed, 3 when one
+    failed, 2 when the scenario does not fit the drive."""
+    from fusion.scenarios import ScenarioError, format_table, judge_scenario, read_records, write_junit
+
+    try:
+        verdicts = judge_scenario(scenario, read_records(outputs.detections), summary, nusc, scene)
+    except ScenarioError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(scenario, verdicts))
+    junit = write_junit(scenario, verdicts, args.junit or Path(args.out) / "scenario_junit.xml",
+                        seconds=summary["wall_time_s"])
+    print(f"junit:      {junit}")
+    return 0 if all(v.passed for v in verdicts) else 3
 
 
 if __name__ == "__main__":
