@@ -33,3 +33,31 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(config path, checkpoint path): configs/tiny_cpu.yaml made cheaper (3.2 m cells, 48x128 images, one sweep)
+    and a checkpoint of a freshly initialised (seeded, untrained) model of it, with the model's config saved as
+    hyper-parameters the way Lightning's CLI saves them (as tests/test_evaluate_tool.py makes its own)."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from fusion.checkpoints import atomic_torch_save, load_run
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml").read_text())
+    config["model"]["grid"]["cell_size"] = 3.2
+    config["data"].update(image_size=[48, 128], lidar_sweeps=1, radar_sweeps=1, batch_size=2, num_workers=0,
+                          cache_dir=None)
+    config_path = folder / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    torch.manual_seed(0)
+    model = load_run(config=config_path).model
+    checkpoint = folder / "fresh.ckpt"
+    hyper_parameters = {**config["model"], "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters},
+                      checkpoint)
+    return config_path, checkpoint

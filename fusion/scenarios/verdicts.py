@@ -149,30 +149,34 @@ class _InRangeJudge(_Judge):
 
 
 class _IdSwitchJudge(_Judge):
+    """The instance's annotated centres at its keyframes in the scene; an instance that is not in the scene (or
+    not of a tracking class) gives a failed verdict saying so."""
+
     def __init__(self, criterion: NoIdSwitches, start_us: int, nusc: "NuScenes", scene_name: str):
         super().__init__(criterion, start_us)
         from nuscenes.eval.tracking.utils import category_to_tracking_name
 
-        try:
-            instance = nusc.get("instance", criterion.instance)
-        except KeyError:
-            raise ScenarioError(f"no_id_switches.instance: no instance {criterion.instance!r} in "
-                                f"{nusc.dataroot}/{nusc.version}") from None
-        self.tracking_name = category_to_tracking_name(nusc.get("category", instance["category_token"])["name"])
-        if self.tracking_name is None:
-            raise ScenarioError(f"no_id_switches.instance: instance {criterion.instance!r} is not of a tracking "
-                                f"class")
         self.centres: dict[str, np.ndarray] = {}  # sample token -> the instance's annotated centre (global, m)
+        self.ids: list[str | None] = []  # the matched track ID at each annotated keyframe of the window
+        self.tracking_name, self.problem = None, ""
+        instance = next((i for i in nusc.instance if i["token"] == criterion.instance), None)
+        if instance is None:
+            self.problem = f"instance {criterion.instance} is not in {nusc.dataroot}/{nusc.version}"
+            return
+        category = nusc.get("category", instance["category_token"])["name"]
+        self.tracking_name = category_to_tracking_name(category)
+        if self.tracking_name is None:
+            self.problem = f"instance {criterion.instance} is a {category}, not of a tracking class"
+            return
+        scene_token = next(s["token"] for s in nusc.scene if s["name"] == scene_name)
         token = instance["first_annotation_token"]
         while token:
             annotation = nusc.get("sample_annotation", token)
-            self.centres[annotation["sample_token"]] = np.asarray(annotation["translation"][:2], dtype=np.float64)
+            if nusc.get("sample", annotation["sample_token"])["scene_token"] == scene_token:
+                self.centres[annotation["sample_token"]] = np.asarray(annotation["translation"][:2], float)
             token = annotation["next"]
-        scene_of = {nusc.get("sample", t)["scene_token"] for t in self.centres}
-        scene_token = next(s["token"] for s in nusc.scene if s["name"] == scene_name)
-        if scene_token not in scene_of:
-            raise ScenarioError(f"no_id_switches.instance: instance {criterion.instance!r} is not in {scene_name}")
-        self.ids: list[str | None] = []  # the matched track ID at each annotated keyframe of the window
+        if not self.centres:
+            self.problem = f"instance {criterion.instance} is not annotated in {scene_name}"
 
     def observe(self, record: Mapping) -> None:
         token = record.get("sample_token")
@@ -186,13 +190,15 @@ class _IdSwitchJudge(_Judge):
         self.ids.append(best)
 
     def finish(self, summary: Mapping) -> Verdict:
+        criterion = self.criterion
+        expected = f"<= {criterion.max_switches} switches, matched in >= {criterion.min_matched_frames}"
+        if self.problem:
+            return self.verdict(False, "instance not found", expected, self.problem)
         matched = [i for i in self.ids if i is not None]
         switches = sum(a != b for a, b in zip(matched, matched[1:]))
-        criterion = self.criterion
         passed = switches <= criterion.max_switches and len(matched) >= criterion.min_matched_frames
         return self.verdict(passed, f"{switches} switches, matched in {len(matched)} of {len(self.ids)} keyframes",
-                            f"<= {criterion.max_switches} switches, matched in >= {criterion.min_matched_frames}",
-                            f"track IDs {list(dict.fromkeys(matched))}")
+                            expected, f"track IDs {list(dict.fromkeys(matched))}")
 
 
 def _judge(criterion: Criterion, start_us: int, nusc: "NuScenes", scene_name: str) -> _Judge:
@@ -212,8 +218,7 @@ def _judge(criterion: Criterion, start_us: int, nusc: "NuScenes", scene_name: st
 def judge_scenario(scenario: Scenario, records: Iterable[Mapping], summary: Mapping, nusc: "NuScenes",
                    scene_name: str | None = None) -> list[Verdict]:
     """The verdict of every criterion of `scenario` over a replay of `scene_name` (default: the scenario's scene):
-    its frame records (in time order) and its summary. ScenarioError for a criterion that does not fit the drive
-    (unknown scene or instance)."""
+    its frame records (in time order) and its summary. ScenarioError when the scene is not in the tables."""
     scene_name = scene_name or scenario.drive.scene
     start_us = scene_start_us(nusc, scene_name)
     judges = [_judge(c, start_us, nusc, scene_name) for c in scenario.criteria]
