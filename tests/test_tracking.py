@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fusion.evaluation import load_nuscenes, split_sample_tokens, write_submission
@@ -46,12 +45,12 @@ def test_fast_objects_keep_their_ids_through_the_predicted_velocity():
         t = 0.5 * k
         reported = tracker.update([detection(12.0 * t, 0.0, 12.0, 0.0), detection(100.0 - 12.0 * t, 6.0, -12.0, 0.0)],
                                   t)
-        history.append({round(tr.translation[1]): tr for tr in reported})
+        history.append({int(round(tr.translation[1])): (tr.tracking_id, tr.age) for tr in reported})
     assert [sorted(frame) for frame in history] == [[0, 6]] * 8
-    assert len({frame[0].tracking_id for frame in history}) == 1 and len({frame[6].tracking_id for frame in history}) == 1
-    assert history[0][0].tracking_id != history[0][6].tracking_id
-    assert [frame[0].age for frame in history] == list(range(1, 9))
-    assert history[-1][0].hits == 8
+    assert len({frame[0][0] for frame in history}) == 1 and len({frame[6][0] for frame in history}) == 1
+    assert history[0][0][0] != history[0][6][0]
+    assert [frame[0][1] for frame in history] == list(range(1, 9))
+    assert tracker.tracks[0].hits == 8
 
     # The same drive with the velocity withheld: every frame starts new tracks (the gate is what it is).
     blind = Tracker()
