@@ -8,7 +8,6 @@ import contextlib
 import copy
 import importlib.util
 import io
-import math
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -74,14 +73,14 @@ def scenario_document(scene: str, instance: str, name: str) -> dict:
             "criteria": [
                 {"type": "latency", "percentile": 95, "max_ms": 200},
                 {"type": "no_dropped_frames"},
-                {"type": "detection_metric", "metric": "mAP", "min": 0.5},
-                {"type": "detection_metric", "metric": "mAP", "min": 0.5, "window_s": [0.0, 1.0],
+                {"type": "detection_metric", "metric": "mAP", "min": 0.3},  # ground truth: (classes present) / 10
+                {"type": "detection_metric", "metric": "mAP", "min": 0.3, "window_s": [0.0, 1.0],
                  "name": "mAP first second"},
                 {"type": "tracking_metric", "metric": "amota", "min": 0.9},
                 {"type": "tracking_metric", "metric": "ids", "max": 0},
                 {"type": "object_in_range", "class": name, "max_distance_m": 60.0, "min_frames": 4},
                 {"type": "object_in_range", "class": name, "max_distance_m": 60.0, "min_frames": 4,
-                 "source": "tracks", "min_score": 0.5},
+                 "source": "tracks", "min_score": 0.5, "name": "tracked"},
                 {"type": "no_id_switches", "instance": instance, "min_matched_frames": 3}]}
 
 
@@ -106,6 +105,7 @@ def test_a_perfect_model_passes_and_a_degraded_one_fails_each_criterion(nusc, va
     assert [v.passed for v in verdicts] == [False] * 9, format_table(scenario, verdicts)
     assert verdicts[0].measured == "250.0 ms"
     assert verdicts[1].measured == "1 dropped + failed of 7 triggered"
+    assert verdicts[2].measured == "no detections in the window"
     assert verdicts[6].measured == "0 of 6 frames"  # no detections at all
     assert verdicts[7].measured == "3 of 6 frames"
     assert verdicts[8].measured.startswith("1 switches, matched in 6 of 6")
@@ -240,9 +240,10 @@ def test_replay_scenario_exit_codes(tiny_dataroot, tiny_checkpoint, val_scene, t
                                 "min_score": 0.99})
     path.write_text(yaml.safe_dump(failing))
     code, stdout, _ = run_replay_tool(argv + ["--out", str(tmp_path / "fail")])
-    assert code == 3 and "FAIL  bus within 1 m in >= 6 frames" in stdout
+    assert code == 3
+    assert any(line.startswith("FAIL") and "bus within 1 m in >= 6 frames" in line for line in stdout.splitlines())
 
     path.write_text("name: x\ndrive: {dataroot: d, version: v, scene: s}\ncriteria: [{type: latency}]\n")
     code, stdout, stderr = run_replay_tool(argv + ["--out", str(tmp_path / "bad")])
     assert code == 2 and stderr.strip().endswith("criteria[0].max_ms: missing") and "Traceback" not in stderr
-    assert math.isfinite(len(stderr.splitlines())) and len(stderr.strip().splitlines()) == 1
+    assert len(stderr.strip().splitlines()) == 1

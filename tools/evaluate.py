@@ -204,6 +204,8 @@ def evaluate_tracking(args: argparse.Namespace, nusc, tokens, out: Path) -> dict
         validate_tracking_submission(submission, tokens, source=str(args.results))
         results_path = Path(args.results)
         print(f"{args.results}: valid tracking submission for {len(tokens)} samples of {args.split}")
+    if not any(submission["results"].values()):
+        raise ValueError(f"{results_path}: no track in any sample; the devkit cannot score an empty submission")
     summary = run_tracking_eval(nusc, args.split, results_path, out, render_curves=not args.no_curves)
     print(f"metrics: {out / 'metrics_summary.json'}" + ("" if args.no_curves else f"\nplots: {out / 'plots'}"))
     return summary

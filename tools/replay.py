@@ -210,9 +210,9 @@ def judge(scenario, scene: str, nusc, summary: dict, outputs, args: argparse.Nam
     except ScenarioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_table(scenario, verdicts))
+    print(format_table(scenario, verdicts, scene))
     junit = write_junit(scenario, verdicts, args.junit or Path(args.out) / "scenario_junit.xml",
-                        seconds=summary["wall_time_s"])
+                        seconds=summary["wall_time_s"], scene=scene)
     print(f"junit:      {junit}")
     return 0 if all(v.passed for v in verdicts) else 3
 

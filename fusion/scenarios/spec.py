@@ -168,7 +168,9 @@ class _Fields:
         return ScenarioError(f"{self.source}: {self.where}.{key}: {message}")
 
     def string(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None) -> str:
-        value = self.mapping.get(key, default)
+        if key not in self.mapping and default is not None:
+            return default
+        value = self.mapping.get(key)
         if value is None:
             raise self.fail(key, "missing")
         if not isinstance(value, str) or not value:

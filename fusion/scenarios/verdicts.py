@@ -114,6 +114,10 @@ class _MetricJudge(_Judge):
         expected = f"{criterion.metric} {' and '.join(bounds)}"
         if not self.results:
             return self.verdict(False, "no keyframe processed in the window", expected)
+        if not any(self.results.values()):  # the devkit's filtering fails on a submission without any box
+            what = "detections" if criterion.task == "detection" else "tracks"
+            return self.verdict(False, f"no {what} in the window", expected,
+                                f"{len(self.results)} keyframes; the devkit cannot score an empty submission")
         submission = {"meta": submission_meta(()), "results": self.results}
         tokens = list(self.results)
         if criterion.task == "detection":
