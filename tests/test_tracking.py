@@ -11,7 +11,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from fusion.evaluation import load_nuscenes, split_sample_tokens, write_submission
 from fusion.tracking import (TRACKING_CLASSES, Tracker, TrackerConfig, evaluate_tracking_in_memory,
@@ -239,3 +241,61 @@ def test_checkpoint_detections_are_tracked_and_scored(tiny_dataroot, tiny_checkp
     with pytest.raises(SystemExit):
         with contextlib.redirect_stderr(io.StringIO()):
             load_tool().main(tracking_args(tiny_dataroot, out) + ["--checkpoint", str(checkpoint), "--robustness"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tracks in the replay
+# ----------------------------------------------------------------------------------------------------------------
+
+class ParkedCarDetector:
+    """Detects one parked car at a fixed GLOBAL position (seen from each frame's ego pose), score 0.8: the tracker
+    must keep one ID over the whole replay."""
+
+    def __init__(self, position_global: np.ndarray):
+        self.position = np.asarray(position_global, dtype=np.float64)
+
+    def predict(self, batch):
+        from fusion.types import Boxes
+
+        pose = batch.ego.ego_to_global[0].double().numpy()
+        centre = (self.position - pose[:3, 3]) @ pose[:3, :3]  # global -> ego frame
+        box = Boxes(center=torch.from_numpy(centre[None]).float(), size=torch.tensor([[4.5, 1.9, 1.6]]),
+                    yaw=torch.tensor([0.0]), velocity=torch.zeros(1, 2), labels=torch.tensor([0]),
+                    attributes=torch.tensor([1]), scores=torch.tensor([0.8]),
+                    num_lidar_pts=torch.tensor([-1]), num_radar_pts=torch.tensor([-1]))
+        return [box], None
+
+
+def test_replay_records_carry_tracks_in_the_global_frame(tiny_dataroot, tmp_path):
+    from nuscenes.nuscenes import NuScenes
+
+    from fusion.datasets.datamodule import FusionDataModule
+    from fusion.grid import BEVGrid
+    from fusion.replay import engine_for_scene, run_replay
+
+    nusc = NuScenes(tiny_dataroot.version, str(tiny_dataroot.dataroot), verbose=False)
+    scene = tiny_dataroot.val_scenes[0]
+    grid = BEVGrid(cell_size=3.2)
+    data = FusionDataModule(str(tiny_dataroot.dataroot), tiny_dataroot.version, grid=grid, modalities=["lidar"],
+                            lidar_sweeps=1, cache_dir=None)
+    first = nusc.get("sample", next(s for s in nusc.scene if s["name"] == scene)["first_sample_token"])
+    pose = nusc.get("ego_pose", nusc.get("sample_data", first["data"]["LIDAR_TOP"])["ego_pose_token"])
+    parked = np.asarray(pose["translation"]) + np.array([12.0, 3.0, 0.8])
+    engine = engine_for_scene(nusc, scene, ParkedCarDetector(parked), data, contributions=False)
+    _, outputs = run_replay(engine, tmp_path / "replay", grid, video="none", png_every=0, max_frames=12)
+    records = [json.loads(line) for line in outputs.detections.read_text().splitlines()]
+    assert len(records) == 12
+    tracks = [record["tracks"] for record in records]
+    assert all(len(frame) == 1 for frame in tracks)
+    assert {frame[0]["tracking_id"] for frame in tracks} == {"0"}
+    assert [frame[0]["age"] for frame in tracks] == list(range(1, 13))
+    for record, (track,) in zip(records, tracks):
+        assert set(track) == TRACK_KEYS and track["tracking_name"] == "car"
+        assert np.allclose(track["translation"], parked, atol=1e-3)  # global frame, not the ego frame
+        assert track["translation"] == pytest.approx(record["boxes"][0]["translation"])
+        assert track["tracking_score"] == pytest.approx(0.8)
+
+    # Without a tracker the records still have the key, empty.
+    engine = engine_for_scene(nusc, scene, ParkedCarDetector(parked), data, contributions=False, tracker=None)
+    _, outputs = run_replay(engine, tmp_path / "untracked", grid, video="none", png_every=0, max_frames=2)
+    assert [json.loads(line)["tracks"] for line in outputs.detections.read_text().splitlines()] == [[], []]
