@@ -203,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 def judge(scenario, scene: str, nusc, summary: dict, outputs, args: argparse.Namespace) -> int:
     """Print the scenario's pass/fail table and write its JUnit XML; 0 when every criterion passed, 3 when one
     failed, 2 when the scenario does not fit the drive."""
-    from fusion.scenarios import ScenarioError, format_table, judge_scenario, read_records, write_junit
+    import dataclasses
 
+    from fusion.scenarios import Drive, ScenarioError, format_table, judge_scenario, read_records, write_junit
+
+    scenario = dataclasses.replace(scenario, drive=Drive(str(args.dataroot), args.version, scene))  # as replayed
     try:
         verdicts = judge_scenario(scenario, read_records(outputs.detections), summary, nusc, scene)
     except ScenarioError as error:
