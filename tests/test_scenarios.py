@@ -234,6 +234,8 @@ def test_replay_scenario_exit_codes(tiny_dataroot, tiny_checkpoint, val_scene, t
     assert "scenario PASSED" in stdout and f"replaying {val_scene}" in stdout
     suite = ElementTree.parse(tmp_path / "ci" / "junit.xml").getroot().find("testsuite")
     assert suite.get("failures") == "0" and len(suite.findall("testcase")) == 2
+    properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert properties["scene"] == val_scene and properties["dataroot"] == str(tiny_dataroot.dataroot)
 
     failing = copy.deepcopy(passing)
     failing["criteria"].append({"type": "object_in_range", "class": "bus", "max_distance_m": 1.0, "min_frames": 6,

@@ -192,6 +192,11 @@ def test_broken_tracking_submission_exits_2_naming_sample_and_field(tiny_dataroo
     assert f"results['{token}'][0].tracking_id" in stderr and f"results['{token}'][0].tracking_name" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "eval" / "metrics_summary.json").exists()
+    # A valid but empty submission: the devkit cannot score it; said in one line.
+    empty = write_submission({"meta": submission["meta"], "results": {t: [] for t in val_tokens}},
+                             tmp_path / "empty.json")
+    code, _, stderr = run_tool(tracking_args(tiny_dataroot, tmp_path / "eval") + ["--results", str(empty)])
+    assert code == 2 and "empty.json: no track in any sample" in stderr and len(stderr.strip().splitlines()) == 1
     # A detection submission is not a tracking submission.
     detections = {"meta": submission["meta"], "results": {t: [] for t in val_tokens}}
     detections["results"][token] = [{"sample_token": token, "translation": [0, 0, 0], "size": [1, 1, 1],

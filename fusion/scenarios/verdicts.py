@@ -118,8 +118,10 @@ class _MetricJudge(_Judge):
             what = "detections" if criterion.task == "detection" else "tracks"
             return self.verdict(False, f"no {what} in the window", expected,
                                 f"{len(self.results)} keyframes; the devkit cannot score an empty submission")
-        submission = {"meta": submission_meta(()), "results": self.results}
         tokens = list(self.results)
+        if not any(self.nusc.get("sample", token)["anns"] for token in tokens):
+            return self.verdict(False, "no ground truth in the window", expected, f"{len(tokens)} keyframes")
+        submission = {"meta": submission_meta(()), "results": self.results}
         if criterion.task == "detection":
             value = summary_scalars(evaluate_in_memory(self.nusc, submission, tokens))[criterion.metric]
         else:
