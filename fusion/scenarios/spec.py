@@ -114,7 +114,8 @@ class ObjectInRange:
 @dataclass(frozen=True)
 class NoIdSwitches:
     """The annotated instance (its instance token) keeps one track ID: at each keyframe of the window where it is
-    annotated, the nearest track of its class within match_distance_m (centres, meters) is its match; the verdict
+    annotated, its match is the track it matched before if that track is still within match_distance_m (centres,
+    meters; as CLEAR-MOT keeps matches), else the nearest track of its class within that distance; the verdict
     fails when the matched ID changes more than max_switches times, or fewer than min_matched_frames keyframes
     have a match."""
 

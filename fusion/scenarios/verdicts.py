@@ -188,12 +188,16 @@ class _IdSwitchJudge(_Judge):
         token = record.get("sample_token")
         if not token or token not in self.centres or not self.criterion.window.contains(self.seconds(record)):
             return
-        best, best_distance = None, self.criterion.match_distance_m
+        near = {}  # tracking_id -> distance of the tracks of the instance's class within the match distance
         for track in record.get("tracks", []):
             distance = math.dist(track["translation"][:2], self.centres[token])
-            if track["tracking_name"] == self.tracking_name and distance <= best_distance:
-                best, best_distance = track["tracking_id"], distance
-        self.ids.append(best)
+            if track["tracking_name"] == self.tracking_name and distance <= self.criterion.match_distance_m:
+                near[track["tracking_id"]] = min(distance, near.get(track["tracking_id"], math.inf))
+        previous = next((i for i in reversed(self.ids) if i is not None), None)
+        if previous in near:  # CLEAR-MOT: a match persists while its track stays within the match distance
+            self.ids.append(previous)
+        else:
+            self.ids.append(min(near, key=near.get) if near else None)
 
     def finish(self, summary: Mapping) -> Verdict:
         criterion = self.criterion
