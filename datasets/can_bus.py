@@ -24,6 +24,8 @@ CAN_KINDS: tuple[str, ...] = ("pose", "ms_imu", "vehicle_monitor")
 CAN_KEYS: dict[str, tuple[str, ...]] = {"pose": ("vel", "accel", "rotation_rate"),
                                         "ms_imu": ("linear_accel", "rotation_rate"),
                                         "vehicle_monitor": ("vehicle_speed", "yaw_rate")}
+#: Values a key must have at least (vectors are x, y, z).
+_CAN_VALUE_SIZES: dict[str, int] = {"rotation_rate": 3, "accel": 3, "linear_accel": 3}
 
 
 
@@ -43,33 +45,42 @@ class CanState:
         return CanState(reason=reason)
 
 
-def _interpolate_messages(messages: Sequence[dict], key: str, timestamp_us: int, max_gap_s: float) -> np.ndarray | None:
-    """Value of `key` (scalar or vector) linearly interpolated at `timestamp_us` between the two messages around it,
-    or None when they are more than `max_gap_s` apart (or, outside the messages' span, the nearest one is more than
-    max_gap_s / 2 away)."""
+def _interpolate_messages(messages: Sequence[dict], key: str, timestamp_us: int, max_gap_s: float,
+                          size: int) -> np.ndarray | None:
+    """Value [size] of `key` linearly interpolated at `timestamp_us` between the two messages around it, or None
+    when they are more than `max_gap_s` apart (or, outside the messages' span, the nearest one is more than
+    max_gap_s / 2 away), or when the records used are malformed (callers pass usable_can_messages; a malformed
+    record still never raises here)."""
     if not messages:
         return None
     try:
         times = np.array([m["utime"] for m in messages], dtype=np.int64)
-    except (KeyError, TypeError, ValueError, OverflowError):  # callers pass usable_can_messages; never crash here
-        return None
-    order = np.argsort(times, kind="stable")
-    times = times[order]
-    right = int(np.searchsorted(times, timestamp_us, side="left"))
-    if right < len(times) and times[right] == timestamp_us:
-        return np.asarray(messages[order[right]][key], dtype=np.float64)
-    if right == 0 or right == len(times):
-        nearest = 0 if right == 0 else len(times) - 1
-        if abs(times[nearest] - timestamp_us) * 1e-6 > max_gap_s / 2:
+        if times.shape != (len(messages),):
             return None
-        return np.asarray(messages[order[nearest]][key], dtype=np.float64)
-    t0, t1 = times[right - 1], times[right]
-    if (t1 - t0) * 1e-6 > max_gap_s:
+        order = np.argsort(times, kind="stable")
+        times = times[order]
+
+        def value(i: int) -> np.ndarray:
+            array = np.asarray(messages[order[i]][key], dtype=np.float64).reshape(-1)
+            if array.shape[0] < size:
+                raise ValueError(f"{key} has {array.shape[0]} values, expected {size}")
+            return array[:size]
+
+        right = int(np.searchsorted(times, timestamp_us, side="left"))
+        if right < len(times) and times[right] == timestamp_us:
+            return value(right)
+        if right == 0 or right == len(times):
+            nearest = 0 if right == 0 else len(times) - 1
+            if abs(int(times[nearest]) - timestamp_us) * 1e-6 > max_gap_s / 2:
+                return None
+            return value(nearest)
+        t0, t1 = int(times[right - 1]), int(times[right])
+        if (t1 - t0) * 1e-6 > max_gap_s:
+            return None
+        alpha = (timestamp_us - t0) / (t1 - t0)
+        return (1 - alpha) * value(right - 1) + alpha * value(right)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return None
-    v0 = np.asarray(messages[order[right - 1]][key], dtype=np.float64)
-    v1 = np.asarray(messages[order[right]][key], dtype=np.float64)
-    alpha = (timestamp_us - t0) / (t1 - t0)
-    return (1 - alpha) * v0 + alpha * v1
 
 
 def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
@@ -86,29 +97,29 @@ def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
     """
     gaps = dict(CAN_MAX_GAP_S, **(max_gap_s or {}))
 
-    def get(kind: str, key: str):
+    def get(kind: str, key: str, size: int):
         msgs = messages.get(kind) or []
-        if not msgs or key not in msgs[0]:
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[0], dict) or key not in msgs[0]:
             return None
-        return _interpolate_messages(msgs, key, timestamp_us, gaps[kind])
+        return _interpolate_messages(msgs, key, timestamp_us, gaps[kind], size)
 
-    speed = get("pose", "vel")
-    speed = speed[0] if speed is not None else None
+    speed = get("pose", "vel", 1)
+    speed = float(speed[0]) if speed is not None else None
     if speed is None:
-        kmh = get("vehicle_monitor", "vehicle_speed")
-        speed = float(kmh) / 3.6 if kmh is not None else None
+        kmh = get("vehicle_monitor", "vehicle_speed", 1)
+        speed = float(kmh[0]) / 3.6 if kmh is not None else None
     yaw_rate = None
     for kind in ("ms_imu", "pose"):
-        rate = get(kind, "rotation_rate")
+        rate = get(kind, "rotation_rate", 3)
         if rate is not None:
             yaw_rate = float(rate[2])
             break
     if yaw_rate is None:
-        deg = get("vehicle_monitor", "yaw_rate")
-        yaw_rate = float(np.deg2rad(deg)) if deg is not None else None
-    acceleration = get("ms_imu", "linear_accel")
+        deg = get("vehicle_monitor", "yaw_rate", 1)
+        yaw_rate = float(np.deg2rad(deg[0])) if deg is not None else None
+    acceleration = get("ms_imu", "linear_accel", 3)
     if acceleration is None:
-        acceleration = get("pose", "accel")
+        acceleration = get("pose", "accel", 3)
     unknown = [name for name, value in (("speed", speed), ("yaw rate", yaw_rate), ("acceleration", acceleration))
                if value is None or not np.isfinite(np.asarray(value, dtype=np.float64)).all()]
     if unknown:
@@ -133,8 +144,8 @@ def can_message_problem(kind: str, message) -> str:
             values = np.asarray(message[key], dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
             return f"{key!r} is not numeric"
-        if values.ndim > 1 or values.size == 0:
-            return f"{key!r} is not a number or a vector"
+        if values.ndim > 1 or values.size < _CAN_VALUE_SIZES.get(key, 1):
+            return f"{key!r} is not a number or a vector of {_CAN_VALUE_SIZES.get(key, 1)}"
         if not np.isfinite(values).all():
             return f"{key!r} is not finite"
     return ""

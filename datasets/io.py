@@ -184,8 +184,8 @@ def read_radar_pcd(path: str | os.PathLike, filters: RadarFilters | None = None)
     order, same "NaN in the first point means an empty cloud" rule), but vectorised with a structured dtype built
     from the header. Reads WIDTH points after the header and ignores trailing bytes (real nuScenes files have
     them). Raises FileNotFoundError for a missing file, EmptyFileError / FileTooLargeError (safe_io), and
-    DataFileError naming the file for a bad header: a key or field name given twice, POINTS other than WIDTH x
-    HEIGHT, an unsupported DATA kind (ascii, binary_compressed); TruncatedFileError for data too short for WIDTH
+    DataFileError naming the file for a bad header: a key or field name given twice, FIELDS other than the
+    nuScenes fields in their order (the devkit reads them by position), POINTS other than WIDTH x HEIGHT, an unsupported DATA kind (ascii, binary_compressed); TruncatedFileError for data too short for WIDTH
     points.
     """
     path = os.fspath(path)
@@ -210,6 +210,9 @@ def read_radar_pcd(path: str | os.PathLike, filters: RadarFilters | None = None)
     missing = [name for name in RADAR_PCD_FIELDS if name not in names]
     if missing:
         raise DataFileError(f"bad radar PCD header in {path}: fields {missing} missing from FIELDS {names}")
+    if tuple(names) != RADAR_PCD_FIELDS:  # the devkit reads fields by position: another order means other data
+        raise DataFileError(f"bad radar PCD header in {path}: FIELDS must be the {len(RADAR_PCD_FIELDS)} nuScenes "
+                            f"radar fields in their order, got {names}")
     try:
         formats = [_PCD_TYPES[(t.upper(), int(s))] for t, s in zip(types, sizes)]
     except (KeyError, ValueError):

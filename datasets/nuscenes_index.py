@@ -340,7 +340,7 @@ def build_index(dataroot: str, version: str, split: str, can_max_gap_s: Mapping[
         raise ValueError(f"split {split!r} has no scenes in {table_root}")
     try:
         index = NuScenesIndex.build(nusc, scene_names, open_can_bus(dataroot), can_max_gap_s)
-    except (KeyError, TypeError, IndexError, AttributeError) as error:  # a table row without a field or mistyped
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError) as error:  # a bad table row
         raise ValueError(f"nuScenes tables of {table_root}: broken record ({type(error).__name__}: "
                          f"{str(error)[:200]})") from None
     dropped = json.loads(str(index.can_dropped))

@@ -106,8 +106,10 @@ class TrainCLI(FusionCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            state = load_checkpoint(ckpt_path)
-            check_class_paths(state.get("hyper_parameters") or {}, self.allowed_classes, f"--ckpt_path {ckpt_path}")
+            saved = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            if isinstance(saved, dict):  # Lightning drops "_instantiator" itself and imports nothing from it
+                saved = {k: v for k, v in saved.items() if k != "_instantiator"}
+            check_class_paths(saved, self.allowed_classes, f"--ckpt_path {ckpt_path}")
         super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
