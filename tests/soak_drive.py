@@ -30,6 +30,7 @@ from fusion.types import Boxes
 RATES = {"LIDAR_TOP": (50_000, 0), "RADAR_FRONT": (76_923, 11_000), "CAM_FRONT": (83_333, 23_000),
          can_channel("pose"): (20_000, 5_000)}
 START_US = 1_600_000_000_000_000
+FAULT_KINDS = ("empty", "truncated", "missing_file", "corrupt", "late", "out_of_order", "duplicate", "bad_timestamp")
 
 
 def _ego_pose(timestamp_us: int) -> np.ndarray:
@@ -105,6 +106,7 @@ class SoakDrive:
         self.faulted_us.clear()
         rng = np.random.default_rng(self.seed + 1)
         held: dict[str, tuple[str, StreamMessage]] = {}  # channel -> (late | out_of_order, message)
+        pending = ""  # the fault drawn last, applied to the next message it fits
         for message in self.clean():
             channel = message.channel
             if channel in held:
@@ -117,10 +119,12 @@ class SoakDrive:
                     yield old  # after a newer message of its channel
                 del held[channel]
                 continue
-            if not faults or rng.random() >= self.fault_probability:
+            if faults and not pending and rng.random() < self.fault_probability:
+                pending = str(rng.choice(FAULT_KINDS))
+            if not pending or pending not in self._kinds(channel):
                 yield message
                 continue
-            kind = str(rng.choice(self._kinds(channel)))
+            kind, pending = pending, ""
             self.injected[kind] += 1
             self.faulted_us.append(message.timestamp_us)
             if kind == "duplicate":
