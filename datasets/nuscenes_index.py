@@ -223,7 +223,8 @@ class NuScenesIndex:
         `path_error` set, never opened)."""
         calib = int(self.msg_calib[row])
         channel = CHANNELS[int(self.msg_channel[row])]
-        path, path_error = sensor_file_path(dataroot, str(self.msg_path[row]))
+        path, path_error = sensor_file_path(dataroot, str(self.msg_path[row]),
+                                            f"of {channel} at {int(self.msg_timestamp[row])} us")
         return SensorMessage(
             channel=channel,
             timestamp_us=int(self.msg_timestamp[row]),

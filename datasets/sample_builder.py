@@ -55,11 +55,12 @@ class SensorMessage:
     path_error: str = ""
 
 
-def sensor_file_path(dataroot: str, filename: object, token: str = "") -> tuple[str, str]:
+def sensor_file_path(dataroot: str, filename: object, which: str = "") -> tuple[str, str]:
     """(path, path_error) of a sample_data file name: <dataroot>/<filename>, or ("", why) when the name leaves the
-    dataroot (judged as written; symlinked folders inside the dataroot are fine)."""
+    dataroot (judged as written; symlinked folders inside the dataroot are fine). `which` names the row (its token,
+    or its channel and time)."""
     try:
-        return data_path(dataroot, filename, f"sample_data {token}.filename" if token else "sample_data.filename"), ""
+        return data_path(dataroot, filename, f"sample_data {which}".strip() + " filename"), ""
     except DataPathError as error:
         return "", str(error)
 
