@@ -12,11 +12,11 @@ import io
 import json
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nuscenes.can_bus.can_bus_api import NuScenesCanBus
@@ -25,12 +25,11 @@ from nuscenes.utils.data_classes import LidarPointCloud, RadarPointCloud
 from PIL import Image
 
 from fusion.checkpoint_allowlist import ClassAllowList, ClassNotAllowedError, check_class_paths
-from fusion.checkpoints import atomic_torch_save, load_checkpoint, load_run
+from fusion.checkpoints import atomic_torch_save, load_run
 from fusion.datasets.can_bus import CAN_KEYS, CAN_KINDS, can_state_at, scene_can_messages, usable_can_messages
 from fusion.datasets.io import RADAR_PCD_FIELDS, RadarFilters, read_jpeg, read_lidar_bin, read_radar_pcd
 from fusion.datasets.nuscenes_index import build_index
 from fusion.datasets.nuscenes_tables import open_nuscenes
-from fusion.datasets.safe_io import DataFileError
 from fusion.evaluation.submission import load_submission
 from fusion.evaluation.submission_schema import BOX_FIELDS, SubmissionError, validate_submission
 
@@ -252,7 +251,7 @@ def test_can_messages_bad_records_are_dropped_one_by_one(examples):
         dropped = {}
         usable = {}
         for kind, messages in per_kind.items():
-            counter = __import__("collections").Counter()
+            counter = Counter()
             usable[kind] = usable_can_messages(kind, messages, counter)
             dropped[kind] = sum(counter.values())
             assert len(usable[kind]) + dropped[kind] == len(messages)  # every record kept or counted
@@ -283,7 +282,7 @@ def test_can_files_one_unreadable_file_costs_only_its_type(tmp_path, examples):
             if text is not None:
                 (folder / f"scene-0001_{kind}.json").write_text(text)
         can_bus = NuScenesCanBus(dataroot=str(tmp_path))
-        counter = __import__("collections").Counter()
+        counter = Counter()
         result = scene_can_messages(can_bus, "scene-0001", dropped=counter)
         assert isinstance(result, (dict, str))
         if isinstance(result, dict):

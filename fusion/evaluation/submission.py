@@ -14,7 +14,6 @@ JSON, and checking a submission against the detection format before the devkit s
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
