@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = {channel: counts for channel, counts in problems.items() if counts}
     if problems:
         print(f"messages skipped as bad: {problems}")
+    if summary.get("faults"):
+        print(f"faults counted and skipped, by kind: {summary['faults']}")
     print(f"detections: {outputs.detections}")
     print(f"summary:    {outputs.summary}")
     if outputs.frames_dir is not None:
