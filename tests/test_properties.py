@@ -412,7 +412,7 @@ def test_type_confusion_and_huge_numbers_name_the_sample_and_field(tmp_path):
         validate_submission(submission, TOKENS)
     text = str(caught.value)
     assert "results['token-a'][0].detection_name: must be a string" in text
-    assert "results['token-b'][0].translation" in text and "1329-bit integer" in text
+    assert "results['token-b'][0].translation" in text and "1329-bit integer" in text  # shown, never converted
     path = tmp_path / "huge.json"
     path.write_text('{"meta": {}, "results": {"a": [' + "1" * 5000 + "]}}")
     with pytest.raises(ValueError, match="huge.json"):

@@ -76,7 +76,7 @@ def _vector_problem(name: str, value: Any) -> str | None:
     if not all(is_number(v) for v in value):
         return f"must hold numbers only, got {show(value)}"
     if not all(bounded_number(v) for v in value):
-        return f"needs finite values within +-{MAX_ABS_VALUE:g}, got {show(value)}"
+        return f"has non-finite or out-of-bound values (finite, within +-{MAX_ABS_VALUE:g}), got {show(value)}"
     numbers = [float(v) for v in value]
     if name == "size" and min(numbers) < 0:
         return f"negative size {numbers}"
