@@ -96,6 +96,24 @@ def check_points(points, op: str) -> torch.Tensor:
     return points.detach().contiguous()
 
 
+#: Bounds of hard voxelization's output [max_voxels, max_points, C]: points per voxel, and voxel slots in all.
+MAX_POINTS_PER_VOXEL = 1024
+MAX_VOXEL_SLOTS = 2**31 - 1
+
+
+def check_voxel_budget(max_points, max_voxels, op: str) -> tuple[int, int]:
+    """(max_points, max_voxels) as ints after checking they are >= 1, max_points <= MAX_POINTS_PER_VOXEL and
+    max_points * max_voxels <= MAX_VOXEL_SLOTS (the output is allocated at that size up front)."""
+    max_points = check_positive_int(max_points, "max_points", op)
+    max_voxels = check_positive_int(max_voxels, "max_voxels", op)
+    if max_points > MAX_POINTS_PER_VOXEL:
+        raise ValueError(f"{op}: max_points must be <= {MAX_POINTS_PER_VOXEL}, got {max_points}")
+    if max_points * max_voxels > MAX_VOXEL_SLOTS:
+        raise ValueError(f"{op}: max_points x max_voxels = {max_points * max_voxels} voxel slots, above the bound "
+                         f"{MAX_VOXEL_SLOTS}")
+    return max_points, max_voxels
+
+
 def check_positive_int(value, name: str, op: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{op}: {name} must be an integer >= 1, got {value!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion.cuda_ops.grid_spec import check_points, check_positive_int, voxel_grid
+from fusion.cuda_ops.grid_spec import check_points, check_voxel_budget, voxel_grid
 
 
 def point_cells(points: torch.Tensor, voxel_size, point_range) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -34,8 +34,7 @@ def hard_voxelize(points: torch.Tensor, voxel_size, point_range, max_points: int
     """(voxels [V, max_points, C] float32 zero-padded, coords [V, 3] int32 (z, y, x), num_points [V] int32) with
     voxels in order of first appearance and the first max_points points of each, in input order."""
     points = check_points(points, "reference.hard_voxelize")
-    max_points = check_positive_int(max_points, "max_points", "reference.hard_voxelize")
-    max_voxels = check_positive_int(max_voxels, "max_voxels", "reference.hard_voxelize")
+    max_points, max_voxels = check_voxel_budget(max_points, max_voxels, "reference.hard_voxelize")
     n, c = points.shape
     device = points.device
     cells, kept, (gx, gy, gz) = point_cells(points, voxel_size, point_range)

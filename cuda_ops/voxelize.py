@@ -11,7 +11,7 @@ import torch
 
 from fusion.cuda_ops import reference
 from fusion.cuda_ops._extension import check_device, compiled
-from fusion.cuda_ops.grid_spec import check_points, check_positive_int, voxel_grid
+from fusion.cuda_ops.grid_spec import check_points, check_voxel_budget, voxel_grid
 
 
 def hard_voxelize(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int,
@@ -30,8 +30,7 @@ def hard_voxelize(points: torch.Tensor, voxel_size, point_range, max_points: int
     op = "hard_voxelize"
     points = check_points(points, op)
     grid = voxel_grid(voxel_size, point_range, op)
-    max_points = check_positive_int(max_points, "max_points", op)
-    max_voxels = check_positive_int(max_voxels, "max_voxels", op)
+    max_points, max_voxels = check_voxel_budget(max_points, max_voxels, op)
     if use_reference:
         return reference.hard_voxelize(points, voxel_size, point_range, max_points, max_voxels)
     check_device(op, points)

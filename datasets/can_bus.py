@@ -2,12 +2,16 @@
 
 Reads a scene's messages through the devkit's NuScenesCanBus (`open_can_bus`, `scene_can_messages`) and
 interpolates speed (m/s, forward), yaw rate (rad/s, counter-clockwise) and acceleration (m/s^2, ego frame) at a
-keyframe (`can_state_at`). `CAN_KEYS` / `can_message_problem` say what a usable message carries (replay checks each
-message it receives against them).
+keyframe (`can_state_at`). `CAN_KEYS` / `can_message_problem` say what a usable message carries (an integer utime
+and finite values under its keys); a bad record is dropped and counted on its own (`usable_can_messages`), the rest
+of its file is kept, and one unreadable file costs only its own message type. Replay checks each message it
+receives against the same rule.
 """
 from __future__ import annotations
 
+import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -20,6 +24,8 @@ CAN_KINDS: tuple[str, ...] = ("pose", "ms_imu", "vehicle_monitor")
 CAN_KEYS: dict[str, tuple[str, ...]] = {"pose": ("vel", "accel", "rotation_rate"),
                                         "ms_imu": ("linear_accel", "rotation_rate"),
                                         "vehicle_monitor": ("vehicle_speed", "yaw_rate")}
+#: Values a key must have at least (vectors are x, y, z).
+_CAN_VALUE_SIZES: dict[str, int] = {"rotation_rate": 3, "accel": 3, "linear_accel": 3}
 
 
 
@@ -39,30 +45,42 @@ class CanState:
         return CanState(reason=reason)
 
 
-def _interpolate_messages(messages: Sequence[dict], key: str, timestamp_us: int, max_gap_s: float) -> np.ndarray | None:
-    """Value of `key` (scalar or vector) linearly interpolated at `timestamp_us` between the two messages around it,
-    or None when they are more than `max_gap_s` apart (or, outside the messages' span, the nearest one is more than
-    max_gap_s / 2 away)."""
+def _interpolate_messages(messages: Sequence[dict], key: str, timestamp_us: int, max_gap_s: float,
+                          size: int) -> np.ndarray | None:
+    """Value [size] of `key` linearly interpolated at `timestamp_us` between the two messages around it, or None
+    when they are more than `max_gap_s` apart (or, outside the messages' span, the nearest one is more than
+    max_gap_s / 2 away), or when the records used are malformed (callers pass usable_can_messages; a malformed
+    record still never raises here)."""
     if not messages:
         return None
-    times = np.array([m["utime"] for m in messages], dtype=np.int64)
-    order = np.argsort(times, kind="stable")
-    times = times[order]
-    right = int(np.searchsorted(times, timestamp_us, side="left"))
-    if right < len(times) and times[right] == timestamp_us:
-        return np.asarray(messages[order[right]][key], dtype=np.float64)
-    if right == 0 or right == len(times):
-        nearest = 0 if right == 0 else len(times) - 1
-        if abs(times[nearest] - timestamp_us) * 1e-6 > max_gap_s / 2:
+    try:
+        times = np.array([m["utime"] for m in messages], dtype=np.int64)
+        if times.shape != (len(messages),):
             return None
-        return np.asarray(messages[order[nearest]][key], dtype=np.float64)
-    t0, t1 = times[right - 1], times[right]
-    if (t1 - t0) * 1e-6 > max_gap_s:
+        order = np.argsort(times, kind="stable")
+        times = times[order]
+
+        def value(i: int) -> np.ndarray:
+            array = np.asarray(messages[order[i]][key], dtype=np.float64).reshape(-1)
+            if array.shape[0] < size:
+                raise ValueError(f"{key} has {array.shape[0]} values, expected {size}")
+            return array[:size]
+
+        right = int(np.searchsorted(times, timestamp_us, side="left"))
+        if right < len(times) and times[right] == timestamp_us:
+            return value(right)
+        if right == 0 or right == len(times):
+            nearest = 0 if right == 0 else len(times) - 1
+            if abs(int(times[nearest]) - timestamp_us) * 1e-6 > max_gap_s / 2:
+                return None
+            return value(nearest)
+        t0, t1 = int(times[right - 1]), int(times[right])
+        if (t1 - t0) * 1e-6 > max_gap_s:
+            return None
+        alpha = (timestamp_us - t0) / (t1 - t0)
+        return (1 - alpha) * value(right - 1) + alpha * value(right)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return None
-    v0 = np.asarray(messages[order[right - 1]][key], dtype=np.float64)
-    v1 = np.asarray(messages[order[right]][key], dtype=np.float64)
-    alpha = (timestamp_us - t0) / (t1 - t0)
-    return (1 - alpha) * v0 + alpha * v1
 
 
 def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
@@ -79,31 +97,31 @@ def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
     """
     gaps = dict(CAN_MAX_GAP_S, **(max_gap_s or {}))
 
-    def get(kind: str, key: str):
+    def get(kind: str, key: str, size: int):
         msgs = messages.get(kind) or []
-        if not msgs or key not in msgs[0]:
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[0], dict) or key not in msgs[0]:
             return None
-        return _interpolate_messages(msgs, key, timestamp_us, gaps[kind])
+        return _interpolate_messages(msgs, key, timestamp_us, gaps[kind], size)
 
-    speed = get("pose", "vel")
-    speed = speed[0] if speed is not None else None
+    speed = get("pose", "vel", 1)
+    speed = float(speed[0]) if speed is not None else None
     if speed is None:
-        kmh = get("vehicle_monitor", "vehicle_speed")
-        speed = float(kmh) / 3.6 if kmh is not None else None
+        kmh = get("vehicle_monitor", "vehicle_speed", 1)
+        speed = float(kmh[0]) / 3.6 if kmh is not None else None
     yaw_rate = None
     for kind in ("ms_imu", "pose"):
-        rate = get(kind, "rotation_rate")
+        rate = get(kind, "rotation_rate", 3)
         if rate is not None:
             yaw_rate = float(rate[2])
             break
     if yaw_rate is None:
-        deg = get("vehicle_monitor", "yaw_rate")
-        yaw_rate = float(np.deg2rad(deg)) if deg is not None else None
-    acceleration = get("ms_imu", "linear_accel")
+        deg = get("vehicle_monitor", "yaw_rate", 1)
+        yaw_rate = float(np.deg2rad(deg[0])) if deg is not None else None
+    acceleration = get("ms_imu", "linear_accel", 3)
     if acceleration is None:
-        acceleration = get("pose", "accel")
+        acceleration = get("pose", "accel", 3)
     unknown = [name for name, value in (("speed", speed), ("yaw rate", yaw_rate), ("acceleration", acceleration))
-               if value is None]
+               if value is None or not np.isfinite(np.asarray(value, dtype=np.float64)).all()]
     if unknown:
         kinds = sorted(k for k, v in messages.items() if v)
         return CanState.absent(f"no CAN {', '.join(unknown)} at t={timestamp_us} us "
@@ -112,16 +130,22 @@ def can_state_at(messages: Mapping[str, Sequence[dict]], timestamp_us: int,
 
 
 def can_message_problem(kind: str, message) -> str:
-    """Why a CAN message of type `kind` cannot be used ("" if it can)."""
+    """Why a CAN message of type `kind` cannot be used ("" if it can): not an object, no integer utime, a key of
+    CAN_KEYS[kind] missing, not numeric or not finite."""
     if not isinstance(message, dict):
         return "not a dict"
+    utime = message.get("utime")
+    if isinstance(utime, bool) or not isinstance(utime, (int, np.integer)) or not -2**63 <= utime < 2**63:
+        return "no integer 'utime'"
     for key in CAN_KEYS.get(kind, ()):
         if key not in message:
             return f"no {key!r}"
         try:
             values = np.asarray(message[key], dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return f"{key!r} is not numeric"
+        if values.ndim > 1 or values.size < _CAN_VALUE_SIZES.get(key, 1):
+            return f"{key!r} is not a number or a vector of {_CAN_VALUE_SIZES.get(key, 1)}"
         if not np.isfinite(values).all():
             return f"{key!r} is not finite"
     return ""
@@ -136,9 +160,32 @@ def open_can_bus(dataroot: str):
         return f"no CAN bus data in {dataroot}: {error}"
 
 
-def scene_can_messages(can_bus, scene_name: str, cache: dict | None = None) -> dict | str:
+def usable_can_messages(kind: str, messages, dropped: Counter | None = None) -> list[dict]:
+    """The messages of type `kind` that `can_message_problem` accepts; each one dropped is counted in `dropped`
+    as "<kind>: <why>"."""
+    if not isinstance(messages, list):
+        if dropped is not None:
+            dropped[f"{kind}: the file is not a list of messages"] += 1
+        return []
+    usable = []
+    for message in messages:
+        problem = can_message_problem(kind, message)
+        if problem:
+            if dropped is not None:
+                dropped[f"{kind}: {problem}"] += 1
+        else:
+            usable.append(message)
+    return usable
+
+
+def scene_can_messages(can_bus, scene_name: str, cache: dict | None = None, dropped: Counter | None = None
+                       ) -> dict | str:
     """Message type (pose, ms_imu, vehicle_monitor) -> messages of one scene from a NuScenesCanBus, or a string
-    saying why the scene has no CAN data. `cache` (scene name -> result) avoids reading a scene twice."""
+    saying why the scene has no CAN data. `cache` (scene name -> result) avoids reading a scene twice.
+
+    A type whose file is missing or unreadable is left out (the others are kept). With `dropped` (a Counter), bad
+    messages are removed record by record (usable_can_messages) and counted there; without it they are returned as
+    read (the replay counts each one as it arrives)."""
     cache = {} if cache is None else cache
     if scene_name in cache:
         return cache[scene_name]
@@ -147,19 +194,28 @@ def scene_can_messages(can_bus, scene_name: str, cache: dict | None = None) -> d
         return can_bus
     messages: dict[str, list] = {}
     reasons = []
-    for kind in CAN_KINDS:
+    if not re.match(r"^scene-\d\d\d\d$", scene_name):
+        reasons.append(f"scene name {scene_name!r} is not of the devkit's 'scene-NNNN' form")
+    for kind in CAN_KINDS if not reasons else ():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                messages[kind] = can_bus.get_messages(scene_name, kind, print_warnings=False)
-        except AssertionError:
-            reasons.append(f"scene name {scene_name!r} is not of the devkit's 'scene-NNNN' form")
-            break
+                raw = can_bus.get_messages(scene_name, kind, print_warnings=False)
         except FileNotFoundError:
             reasons.append(f"no {kind} file")
-        except Exception as error:  # the devkit raises a bare Exception for its CAN blacklist
-            reasons.append(str(error))
-            break
+            continue
+        except Exception as error:  # the devkit raises bare Exceptions / AssertionErrors; JSON errors per file
+            if "does not have any CAN bus data" in str(error):  # its blacklist: no type of this scene is usable
+                reasons.append(str(error))
+                break
+            reasons.append(f"{kind} file unreadable: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        if dropped is not None:
+            raw = usable_can_messages(kind, raw, dropped)
+        elif not isinstance(raw, list):
+            reasons.append(f"{kind} file is not a list of messages")
+            continue
+        messages[kind] = raw
     result: dict | str = messages if messages else f"{scene_name} has no CAN bus data: {'; '.join(reasons)}"
     cache[scene_name] = result
     return result

@@ -12,14 +12,14 @@ Each sensor message carries its calibration and the ego pose at its own timestam
 from __future__ import annotations
 
 import heapq
-import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from fusion.datasets.can_bus import CAN_KINDS, scene_can_messages
-from fusion.datasets.sample_builder import CHANNELS, SensorMessage
+from fusion.datasets.safe_io import DataPathError, data_path
+from fusion.datasets.sample_builder import CHANNELS, SensorMessage, sensor_file_path
 from fusion.geometry import make_transform
 from fusion.types import CAMERA_NAMES
 
@@ -43,6 +43,8 @@ class StreamMessage:
     can: the CAN bus message (a dict with "utime") of a CAN message.
     is_key_frame: whether the sample_data is a nuScenes keyframe.
     error: non-empty when the record could not be read (broken table row, malformed CAN message).
+    fault: the replay's counter for an `error` ("corrupt", or "bad_timestamp" for a stamp that is not an integer
+        or lies far outside the scene's span).
     """
 
     timestamp_us: int
@@ -53,6 +55,7 @@ class StreamMessage:
     can: dict | None = None
     is_key_frame: bool = False
     error: str = ""
+    fault: str = "corrupt"
 
 
 class SceneSource:
@@ -61,10 +64,13 @@ class SceneSource:
     there is none, or None.
 
     CAN messages more than `can_margin_s` seconds before the scene's first or after its last sample are left out.
+    A sensor record stamped more than `stamp_margin_s` seconds outside that span (or not an integer) is yielded as
+    an error message with fault "bad_timestamp" at its predecessor's time, so one absurd stamp can neither hold back
+    the rest of its channel nor make the replay wait for it.
     """
 
     def __init__(self, nusc, scene_name: str, can_bus=None, channels: Sequence[str] = CHANNELS,
-                 can_margin_s: float = 1.0):
+                 can_margin_s: float = 1.0, stamp_margin_s: float = 10.0):
         scenes = {s["name"]: s for s in nusc.scene}
         if scene_name not in scenes:
             raise ValueError(f"scene {scene_name!r} is not in {nusc.dataroot}/{nusc.version} "
@@ -75,12 +81,19 @@ class SceneSource:
         self.dataroot = nusc.dataroot
         log = nusc.get("log", self.scene["log_token"])
         self.map_path: str | None = None
+        self.map_path_error = ""
         if log.get("map_token"):
-            self.map_path = os.path.join(self.dataroot, nusc.get("map", log["map_token"])["filename"])
+            try:
+                self.map_path = data_path(self.dataroot, nusc.get("map", log["map_token"])["filename"],
+                                          f"map {log['map_token']}.filename")
+            except DataPathError as error:
+                self.map_path_error = str(error)
         first = nusc.get("sample", self.scene["first_sample_token"])
         last = nusc.get("sample", self.scene["last_sample_token"])
         margin = int(can_margin_s * 1e6)
         self.can_window_us = (first["timestamp"] - margin, last["timestamp"] + margin)
+        stamp_margin = int(stamp_margin_s * 1e6)
+        self.stamp_window_us = (first["timestamp"] - stamp_margin, last["timestamp"] + stamp_margin)
         self.channels = tuple(channels)
         self._starts = {channel: self._first_token(channel) for channel in self.channels}
         self.missing_channels = tuple(c for c, token in self._starts.items() if token is None)
@@ -127,13 +140,15 @@ class SceneSource:
                                            intrinsics)
         sensor_to_ego, intrinsics = self._calibration[cs_token]
         pose = self.nusc.get("ego_pose", record["ego_pose_token"])
+        path, path_error = sensor_file_path(self.dataroot, record["filename"], record.get("token", ""))
         return SensorMessage(channel=record["channel"], timestamp_us=int(record["timestamp"]),
-                             path=os.path.join(self.dataroot, record["filename"]), sensor_to_ego=sensor_to_ego,
+                             path=path, path_error=path_error, sensor_to_ego=sensor_to_ego,
                              ego_to_global=make_transform(pose["rotation"], pose["translation"]),
                              intrinsics=intrinsics)
 
     def _sensor_stream(self, channel: str, token: str) -> Iterator[StreamMessage]:
-        last_timestamp = 0
+        last_timestamp = self.stamp_window_us[0]
+        start, end = self.stamp_window_us
         for _ in range(len(self.nusc.sample_data)):  # bounds a (corrupt) cyclic chain
             if not token:
                 return
@@ -144,13 +159,20 @@ class SceneSource:
                 return
             if self._scene_of(record) != self.scene["token"]:
                 return
-            last_timestamp = int(record["timestamp"])
+            stamp = record.get("timestamp")
+            if isinstance(stamp, bool) or not isinstance(stamp, (int, np.integer)) or not start <= stamp <= end:
+                yield StreamMessage(last_timestamp, channel, token, error=f"sample_data {token}: timestamp "
+                                    f"{stamp!r} is not an integer within the scene's span"[:300],
+                                    fault="bad_timestamp")
+                token = record.get("next") or ""
+                continue
+            last_timestamp = int(stamp)
             common = dict(timestamp_us=last_timestamp, channel=channel, token=token,
                           sample_token=record["sample_token"], is_key_frame=bool(record["is_key_frame"]))
             try:
                 yield StreamMessage(sensor=self.sensor_message(record), **common)
-            except (KeyError, ValueError) as error:
-                yield StreamMessage(error=f"sample_data {token}: broken record ({error!r})", **common)
+            except (KeyError, ValueError, TypeError) as error:
+                yield StreamMessage(error=f"sample_data {token}: broken record ({error!r})"[:300], **common)
             token = record["next"]
 
     def _can_stream(self, kind: str, messages: list) -> Iterator[StreamMessage]:
@@ -158,8 +180,9 @@ class SceneSource:
         last_timestamp = start
         for message in messages:
             utime = message.get("utime") if isinstance(message, dict) else None
-            if not isinstance(utime, (int, np.integer)):
-                yield StreamMessage(last_timestamp, can_channel(kind), error=f"CAN {kind} message without utime")
+            if isinstance(utime, bool) or not isinstance(utime, (int, np.integer)):
+                yield StreamMessage(last_timestamp, can_channel(kind), error=f"CAN {kind} message without an "
+                                    "integer utime", fault="bad_timestamp")
                 continue
             if not start <= utime <= end:
                 continue

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fusion.datasets.safe_io import (MAP_MAX_PIXELS, DataFileError, FileTooLargeError, checked_size,
+                                     image_pixel_limit)
 from fusion.grid import BEVGrid
 
 
@@ -31,12 +33,14 @@ _MAP_CACHE: dict[str, MapLayer] = {}
 
 def load_map_layer(path: str, resolution: float = 0.1, cache_dir: str | None = None) -> MapLayer:
     """The map PNG at `path` as a MapLayer (kept per process). With `cache_dir`, the decoded raster is stored once
-    as .npy there and memory-mapped, so DataLoader workers share one copy."""
+    as .npy there and memory-mapped, so DataLoader workers share one copy.
+
+    Raises FileNotFoundError for a missing PNG and a DataFileError (ValueError) naming it for an empty, corrupt or
+    too large one. The map is decoded with Pillow's pixel limit raised to MAP_MAX_PIXELS for this read only."""
     path = os.fspath(path)
     if path in _MAP_CACHE:
         return _MAP_CACHE[path]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"map raster not found: {path}")
+    checked_size(path, "map raster")
     mask = None
     npy = None
     if cache_dir is not None:
@@ -46,17 +50,17 @@ def load_map_layer(path: str, resolution: float = 0.1, cache_dir: str | None = N
         if os.path.exists(npy):
             mask = np.load(npy, mmap_mode="r", allow_pickle=False)
     if mask is None:
-        previous_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # nuScenes maps are large, trusted PNGs
         try:
-            with Image.open(path) as image:
+            with image_pixel_limit(MAP_MAX_PIXELS), Image.open(path) as image:
                 mask = np.asarray(image.convert("L") if image.mode not in ("L", "1") else image, dtype=np.uint8)
                 if image.mode == "1":
                     mask = mask * np.uint8(255)
-        except OSError as error:
-            raise ValueError(f"corrupt map raster {path}: {error}") from error
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
+        except Image.DecompressionBombError as error:
+            raise FileTooLargeError(f"map raster {path}: {error}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise DataFileError(f"corrupt map raster {path}: {error}") from error
+        if mask.ndim != 2:
+            raise DataFileError(f"corrupt map raster {path}: decoded to shape {mask.shape}, expected one channel")
         if resolution != 0.1:
             raise ValueError(f"map resolution {resolution} m: only the native 0.1 m/px is supported")
         if npy is not None:

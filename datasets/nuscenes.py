@@ -20,6 +20,7 @@ from fusion.datasets.io import RadarFilters
 from fusion.datasets.map_layer import MapLayer, crop_map, load_map_layer
 from fusion.datasets.nuscenes_index import (DETECTION_EVAL_RANGE, INDEX_FORMAT, NuScenesIndex, build_index,
                                             index_fingerprint)
+from fusion.datasets.safe_io import data_path
 from fusion.datasets.sample_builder import CHANNELS, ON_MISSING, SampleBuilder, SensorMessage
 from fusion.grid import BEVGrid
 from fusion.types import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, Boxes, Sample
@@ -133,7 +134,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         row = int(self.index.sample_map[i])
         if row < 0:
             return None
-        return load_map_layer(os.path.join(self.dataroot, str(self.index.map_paths[row])), cache_dir=self.cache_dir)
+        path = data_path(self.dataroot, str(self.index.map_paths[row]), "map.filename")
+        return load_map_layer(path, cache_dir=self.cache_dir)
 
     def __getitem__(self, i: int) -> Sample:
         if not -len(self) <= i < len(self):

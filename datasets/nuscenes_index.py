@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from fusion.datasets.can_bus import CanState, can_state_at, open_can_bus, scene_can_messages
-from fusion.datasets.sample_builder import CHANNELS, SensorMessage
+from fusion.datasets.sample_builder import CHANNELS, SensorMessage, sensor_file_path
 from fusion.geometry import invert_transform, make_transform, yaw_of_matrix
 from fusion.types import ATTRIBUTES, CAMERA_NAMES, DETECTION_CLASSES, LIDAR_NAME, NO_ATTRIBUTE, Boxes
 
@@ -25,7 +27,7 @@ DETECTION_EVAL_RANGE: dict[str, float] = {
     "pedestrian": 40.0, "motorcycle": 40.0, "bicycle": 40.0, "traffic_cone": 30.0, "barrier": 30.0,
 }
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 @dataclass
@@ -40,7 +42,8 @@ class NuScenesIndex:
     sample_token [S] str; sample_scene [S] str; sample_timestamp [S] int64 (LIDAR_TOP keyframe, us);
     sample_messages [S, len(CHANNELS)] int32 keyframe message per channel (-1 none); sample_map [S] int32 into
     map_paths (-1 none); sample_can [S, 5] float32 (speed, yaw_rate, ax, ay, az; NaN when invalid);
-    sample_can_valid [S] bool; sample_can_reason [S] str.
+    sample_can_valid [S] bool; sample_can_reason [S] str; can_dropped: 0-d str, JSON {"<type>: <why>": count} of the
+    CAN records dropped one by one (the rest of their files is used).
     box_offsets [S + 1] int64: boxes of sample i are rows box_offsets[i]:box_offsets[i + 1] of box_center [B, 3],
     box_size [B, 3] (l, w, h), box_yaw [B], box_velocity [B, 2] (NaN where the devkit has none), box_label [B],
     box_attribute [B], box_num_lidar_pts [B], box_num_radar_pts [B] (all in the keyframe ego frame, float32 /
@@ -116,6 +119,7 @@ class NuScenesIndex:
         # Keyframes, in scene order then time order.
         attribute_names = {a["token"]: a["name"] for a in nusc.attribute}
         can_cache: dict[str, dict | str] = {}
+        can_dropped: Counter = Counter()  # "<type>: <why>" -> CAN records dropped one by one
         samples: dict[str, list] = {k: [] for k in ("token", "scene", "timestamp", "messages", "map", "can",
                                                     "can_valid", "can_reason")}
         box_columns: dict[str, list] = {k: [] for k in ("center", "size", "yaw", "velocity", "label", "attribute",
@@ -130,7 +134,7 @@ class NuScenesIndex:
                 map_path = nusc.get("map", log["map_token"])["filename"]
             if map_path and map_path not in map_paths:
                 map_paths.append(map_path)
-            can_messages = scene_can_messages(can_bus, scene_name, can_cache)
+            can_messages = scene_can_messages(can_bus, scene_name, can_cache, dropped=can_dropped)
             token = scene["first_sample_token"]
             while token:
                 sample = nusc.get("sample", token)
@@ -181,6 +185,7 @@ class NuScenesIndex:
             "sample_can_valid": np.array(samples["can_valid"], dtype=bool),
             "sample_can_reason": strings(samples["can_reason"]),
             "map_paths": strings(map_paths),
+            "can_dropped": np.array(json.dumps(dict(sorted(can_dropped.items())))),
             "box_offsets": np.array(box_offsets, dtype=np.int64),
             "box_center": np.array(box_columns["center"], dtype=np.float32).reshape(n_boxes, 3),
             "box_size": np.array(box_columns["size"], dtype=np.float32).reshape(n_boxes, 3),
@@ -214,13 +219,16 @@ class NuScenesIndex:
         return cached
 
     def message(self, row: int, dataroot: str) -> SensorMessage:
-        """The SensorMessage of message row `row`."""
+        """The SensorMessage of message row `row` (a file name leaving the dataroot gives a message with
+        `path_error` set, never opened)."""
         calib = int(self.msg_calib[row])
         channel = CHANNELS[int(self.msg_channel[row])]
+        path, path_error = sensor_file_path(dataroot, str(self.msg_path[row]),
+                                            f"of {channel} at {int(self.msg_timestamp[row])} us")
         return SensorMessage(
             channel=channel,
             timestamp_us=int(self.msg_timestamp[row]),
-            path=os.path.join(dataroot, str(self.msg_path[row])),
+            path=path, path_error=path_error,
             sensor_to_ego=self.calib_sensor_to_ego[calib],
             ego_to_global=self.ego_to_global()[row],
             intrinsics=self.calib_intrinsics[calib] if channel in CAMERA_NAMES else None,
@@ -317,13 +325,12 @@ def index_fingerprint(dataroot: str, version: str, split: str, extra: dict) -> s
 def build_index(dataroot: str, version: str, split: str, can_max_gap_s: Mapping[str, float] | None = None
                 ) -> NuScenesIndex:
     """Load the devkit tables once and index the keyframes of `split` (the NuScenes object is dropped after)."""
-    from nuscenes.nuscenes import NuScenes
     from nuscenes.utils.splits import get_scenes_of_split
 
+    from fusion.datasets.nuscenes_tables import open_nuscenes
+
     table_root = os.path.join(dataroot, version)
-    if not os.path.isdir(table_root):
-        raise FileNotFoundError(f"nuScenes dataroot {dataroot} has no version folder {version!r}")
-    nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
+    nusc = open_nuscenes(dataroot, version)
     try:
         scene_names = list(get_scenes_of_split(split, nusc))
     except ValueError as error:
@@ -332,7 +339,16 @@ def build_index(dataroot: str, version: str, split: str, can_max_gap_s: Mapping[
     scene_names = [name for name in scene_names if name in present] if _is_predefined(split) else scene_names
     if not scene_names:
         raise ValueError(f"split {split!r} has no scenes in {table_root}")
-    return NuScenesIndex.build(nusc, scene_names, open_can_bus(dataroot), can_max_gap_s)
+    try:
+        index = NuScenesIndex.build(nusc, scene_names, open_can_bus(dataroot), can_max_gap_s)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError) as error:  # a bad table row
+        raise ValueError(f"nuScenes tables of {table_root}: broken record ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
+    dropped = json.loads(str(index.can_dropped))
+    if dropped:
+        warnings.warn(f"CAN bus of {dataroot}: dropped {sum(dropped.values())} bad record(s), the rest kept: "
+                      f"{dropped}")
+    return index
 
 
 def _is_predefined(split: str) -> bool:

@@ -19,6 +19,7 @@ from fusion.datasets.can_bus import CanState
 from fusion.datasets.io import (RADAR_PCD_FIELDS, RadarFilters, lidar_bin_size, read_jpeg, read_lidar_bin,
                                 read_radar_pcd, scale_intrinsics)
 from fusion.datasets.map_layer import MapLayer, crop_map
+from fusion.datasets.safe_io import DataFileError, DataPathError, data_path
 from fusion.geometry import invert_transform
 from fusion.grid import BEVGrid
 from fusion.types import (CAMERA_NAMES, LIDAR_FEATURES, LIDAR_NAME, RADAR_FEATURES, RADAR_NAMES, Boxes,
@@ -41,6 +42,8 @@ class SensorMessage:
     sensor_to_ego: [4, 4] float64, sensor frame -> ego frame (calibrated_sensor), meters.
     ego_to_global: [4, 4] float64, ego pose at `timestamp_us` (ego -> global), meters.
     intrinsics: [3, 3] float64 pinhole matrix of a camera at the file's full resolution; None for other sensors.
+    path_error: non-empty when the table's file name leaves the dataroot (`sensor_file_path`); the file is then
+        never opened and reading it raises DataPathError with this text.
     """
 
     channel: str
@@ -49,6 +52,17 @@ class SensorMessage:
     sensor_to_ego: np.ndarray
     ego_to_global: np.ndarray
     intrinsics: np.ndarray | None = None
+    path_error: str = ""
+
+
+def sensor_file_path(dataroot: str, filename: object, which: str = "") -> tuple[str, str]:
+    """(path, path_error) of a sample_data file name: <dataroot>/<filename>, or ("", why) when the name leaves the
+    dataroot (judged as written; symlinked folders inside the dataroot are fine). `which` names the row (its token,
+    or its channel and time)."""
+    try:
+        return data_path(dataroot, filename, f"sample_data {which}".strip() + " filename"), ""
+    except DataPathError as error:
+        return "", str(error)
 
 
 def strided_sweeps(previous: Sequence, count: int, stride: int) -> list:
@@ -194,10 +208,13 @@ class SampleBuilder:
     # -- LiDAR -------------------------------------------------------------------------------------------------
 
     def _read_or_mark(self, reader: Callable, message: SensorMessage, missing: dict | None, key: str):
-        """reader(message.path), or None (recording why) when the file is missing/unreadable and we may skip it."""
+        """reader(message.path), or None (recording why) when the file is missing/unreadable and we may skip it.
+        A path outside the dataroot is refused without opening it."""
         try:
+            if message.path_error:
+                raise DataPathError(message.path_error)
             return reader(message.path)
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, DataFileError) as error:
             if self.on_missing == "error":
                 raise
             if self.on_read_error is not None:

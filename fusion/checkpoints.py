@@ -2,18 +2,22 @@
 
 - `atomic_torch_save(obj, path)`: torch.save to a temporary file in the destination folder, flush + fsync, then
   `os.replace` onto `path` and fsync the folder. A run killed at any moment leaves either the previous file or the
-  new one, never a truncated one (os.replace is atomic on POSIX within one file system).
+  new one, never a truncated one (os.replace is atomic on POSIX within one file system). The temporary file names
+  its writer's pid; the next save into the folder removes those of writers that are gone (a SIGKILLed save).
 - `load_checkpoint(path)`: torch.load(..., weights_only=True): only tensors and plain Python values are read, no
   pickled code; errors name the file.
 - `AtomicCheckpointIO`: a Lightning CheckpointIO plugin doing both, so every checkpoint Lightning writes (periodic,
   best, last.ckpt) is atomic and every checkpoint it resumes from is loaded weights-only.
 - `load_run(checkpoint, config, dataroot=...)`: the one way every tool rebuilds a trained run: the model (from the
   checkpoint's saved hyper-parameters, else the YAML config) with its weights, and its data settings (a
-  FusionDataModule on the model's grid and modalities), from one read of the checkpoint.
+  FusionDataModule on the model's grid and modalities), from one read of the checkpoint. Every class path in the
+  checkpoint is checked against the allow-list (fusion.checkpoint_allowlist) before anything is imported, and the
+  checkpoint never decides where files are written (its saved `cache_dir` is ignored; the caller gives one).
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -23,12 +27,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fusion.checkpoint_allowlist import ClassAllowList, check_class_paths
+
 if TYPE_CHECKING:  # imported when a run is loaded: the model and the data module import this module's callers
     from fusion.datasets.datamodule import FusionDataModule
     from fusion.module import FusionDetector
 
 #: Data settings that follow the model or the call, never the saved ones.
 _DATA_KEYS_NOT_SAVED = ("grid", "modalities", "dataroot", "version", "train_split", "val_split", "test_split")
+#: Data settings a checkpoint may not decide: where files are written.
+_DATA_KEYS_NOT_FROM_CHECKPOINT = ("cache_dir",)
+#: Temporary checkpoint files: .<name>.<pid>.<random>.tmp
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
 def _fsync_folder(folder: str) -> None:
@@ -45,12 +55,44 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or not a pid at all
+        return pid <= 2**22
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of interrupted atomic_torch_save calls in `folder` (those whose writer process is
+    gone); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(os.fspath(folder), name))
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save(obj) to `path` atomically: temp file in the same folder, fsync, os.replace, fsync the folder."""
+    """torch.save(obj) to `path` atomically: temp file in the same folder, fsync, os.replace, fsync the folder.
+    Temporary files left in the folder by interrupted saves of dead processes are removed first."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(folder)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp",
+                                             dir=folder)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(obj, handle)
@@ -167,7 +209,7 @@ def load_run(checkpoint: str | os.PathLike | None = None,
              config: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
              dataroot: str | os.PathLike | None = None, version: str | None = None, split: str | None = None,
              map_location: Any = "cpu", model_overrides: Mapping[str, Any] | None = None,
-             **data_overrides) -> Run:
+             allowed_classes: ClassAllowList | None = None, **data_overrides) -> Run:
     """Rebuild a trained run from one read of `checkpoint` (torch.load(weights_only=True)).
 
     Model: from the checkpoint's saved model hyper-parameters when it has them (Lightning's CLI saves them as plain
@@ -178,13 +220,19 @@ def load_run(checkpoint: str | os.PathLike | None = None,
     Data (when `dataroot` is given): a FusionDataModule for that dataroot / `version` (and `split` as train, val and
     test split, when given) on the model's grid and modalities, with the data settings the model was trained with:
     the checkpoint's saved data-module hyper-parameters when it has them, else the config's `data:` sections.
-    `data_overrides` (e.g. num_workers, val_batch_size, cache_dir) win.
+    `data_overrides` (e.g. num_workers, val_batch_size, cache_dir) win; a checkpoint's saved cache_dir is never
+    used (the index cache goes where `cache_dir` says, or stays in memory).
+    Class paths in the checkpoint must pass `allowed_classes` (default: this package only; ClassNotAllowedError,
+    a ValueError, otherwise), checked before anything is imported.
     Without a checkpoint, the model is built fresh from `config`. Errors name the file."""
     state = load_checkpoint(checkpoint, map_location) if checkpoint is not None else None
     saved = (state or {}).get("hyper_parameters") or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{checkpoint}: hyper_parameters must be a dict, got {type(saved).__name__}")
     if "branches" in saved and "grid" in saved:
         section = {k: v for k, v in saved.items() if not k.startswith("_")}
         source = f"the hyper-parameters saved in {checkpoint}"
+        check_class_paths(section, allowed_classes, f"checkpoint {checkpoint}")
     elif config is not None:
         section, source = _config_section(config, "model", required=True), str(config)
     else:
@@ -194,11 +242,14 @@ def load_run(checkpoint: str | os.PathLike | None = None,
     if state is not None:
         try:
             model.load_state_dict(state.get("state_dict", state))
-        except RuntimeError as error:
+        except (RuntimeError, TypeError, AttributeError, KeyError) as error:
             raise ValueError(f"{checkpoint} does not fit the model built from {source}: {error}") from error
     data = None
     if dataroot is not None:
-        settings = dict((state or {}).get("datamodule_hyper_parameters") or {})
+        saved_data = (state or {}).get("datamodule_hyper_parameters") or {}
+        if not isinstance(saved_data, dict):
+            raise ValueError(f"{checkpoint}: datamodule_hyper_parameters must be a dict")
+        settings = {k: v for k, v in saved_data.items() if k not in _DATA_KEYS_NOT_FROM_CHECKPOINT}
         if not settings and config is not None:
             settings = _config_section(config, "data", required=False)
         data = _data_module(model, settings, dataroot, version, split, checkpoint, data_overrides)

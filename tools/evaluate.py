@@ -25,7 +25,11 @@ AMOTP, MOTA, IDS, ...); or an existing tracking submission, validated first:
 writes results_nusc.json (the detections, checkpoint mode), tracking_results.json (the tracks, checkpoint mode),
 metrics_summary.json / metrics_details.json (the devkit's tracking metrics) and plots/*.pdf.
 
-Exit status: 0 on success, 2 for a bad argument or an invalid submission (the message names the sample / field).
+
+A checkpoint may only name classes of this package (`--allow-class module.Class` allows one more you trust); the
+reader's index cache goes to --cache-dir (default <out>/cache), never where the checkpoint says.
+Exit status: 0 on success, 2 for bad input: a bad argument, an invalid submission, an unreadable or disallowed
+checkpoint, a bad data file (one line names the file / sample / field, no traceback); 1 only for bugs.
 """
 from __future__ import annotations
 
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--results", help="an existing nuScenes submission JSON to validate and evaluate")
     parser.add_argument("--config", help="the YAML config the checkpoint was trained with, for checkpoints that do "
                         "not carry their settings (the model and data settings saved in a checkpoint win)")
+    parser.add_argument("--allow-class", action="append", default=[], metavar="MODULE.CLASS",
+                        help="also allow the checkpoint to name this class (repeatable; default: this package only)")
+    parser.add_argument("--cache-dir", default=None, help="the reader's index cache folder (default: <out>/cache)")
     parser.add_argument("--no-curves", action="store_true", help="skip the devkit's PDF curves (8-10 s)")
     parser.add_argument("--robustness", action="store_true",
                         help="also score the checkpoint with each sensor removed, LiDAR thinned and GPS noise")
@@ -112,14 +119,17 @@ def load_model(args: argparse.Namespace):
     """(model in eval mode on its device, its data module, the device) of --checkpoint."""
     import torch
 
+    from fusion.checkpoint_allowlist import ClassAllowList
     from fusion.checkpoints import load_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
     data_overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
                       if v is not None}
+    data_overrides["cache_dir"] = str(args.cache_dir or Path(args.out) / "cache")
     run = load_run(args.checkpoint, args.config, dataroot=args.dataroot, version=args.version, split=args.split,
-                   model_overrides=model_overrides, **data_overrides)
+                   model_overrides=model_overrides, allowed_classes=ClassAllowList.with_names(args.allow_class),
+                   **data_overrides)
     return run.model.to(device).eval(), run.data, device
 
 

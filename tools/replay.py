@@ -35,8 +35,10 @@ frames, detection / tracking metrics over a time window, an object of a class wi
 frames, no track ID switches of a named instance). After the replay a pass/fail table is printed and a JUnit XML
 written (--junit, default OUT/scenario_junit.xml).
 
-Exit status: 0 on success (every criterion passed), 2 for bad input (argument, scenario file, dataroot), 3 when
-the replay ran but a scenario criterion failed, 1 for a bug.
+A checkpoint may only name classes of this package (`--allow-class module.Class` allows one more you trust).
+Exit status: 0 on success (every scenario criterion passed; bad messages in the drive are counted, not fatal), 2 for
+bad input (a bad argument, scenario file, an unreadable or disallowed checkpoint, unreadable tables: one line names
+the file / field), 3 when the replay ran but a scenario criterion failed, 1 only for bugs.
 
 Writes under --out:
     detections.jsonl   one line per processed frame: timestamp, LiDAR sample_data token, latency, sensors
@@ -44,7 +46,8 @@ Writes under --out:
                        "tracks": the tracks of the frame, GLOBAL frame (tracking_id, tracking_name, translation,
                        size, rotation, velocity, tracking_score, age in frames)
     summary.json       frames processed / dropped / late, latency p50 / p95 / p99 ms, per-sensor message counts
-                       (received, used, skipped, corrupt, missing_file, out_of_order, late), wall time
+                       (received, used, skipped, corrupt, missing_file, out_of_order, late, duplicate,
+                       bad_timestamp), every fault by kind (faults, faults_by_channel), wall time
     frames/*.png       the BEV picture of every --png-every-th frame (0: none)
     replay.mp4         the drive (replay.gif with --video gif, or when ffmpeg fails)
     scenario_junit.xml with --scenario: one testcase per criterion
@@ -83,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML the model was trained with, for checkpoints that do not carry their "
                         "model and data settings")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--allow-class", action="append", default=[], metavar="MODULE.CLASS",
+                        help="also allow the checkpoint to name this class (repeatable; default: this package only)")
+    parser.add_argument("--cache-dir", default=None, help="the reader's cache folder (default: <out>/cache)")
     parser.add_argument("--rate", type=_rate, default=0.0, help="'max' (default) or a multiple of real time")
     parser.add_argument("--every-k-sweeps", type=int, default=1, metavar="K", help="a frame on every K-th sweep")
     parser.add_argument("--keyframes-only", action="store_true",
@@ -128,9 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    from nuscenes.nuscenes import NuScenes
 
+    from fusion.checkpoint_allowlist import ClassAllowList
     from fusion.checkpoints import load_run
+    from fusion.datasets.nuscenes_tables import open_nuscenes
     from fusion.replay import SyncPolicy, engine_for_scene, first_scene_of_split, run_replay
     from fusion.scenarios import load_scenario
 
@@ -149,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
         run = load_run(checkpoint, args.config, dataroot=dataroot, version=args.version,
-                       model_overrides=model_overrides)
+                       model_overrides=model_overrides, allowed_classes=ClassAllowList.with_names(args.allow_class),
+                       cache_dir=str(args.cache_dir or Path(args.out) / "cache"))
         model, data = run.model.to(device).eval(), run.data
         if model.temporal is not None:
             model.temporal.reset()
-        nusc = NuScenes(version=args.version, dataroot=str(dataroot), verbose=False)
+        nusc = open_nuscenes(str(dataroot), args.version)
         scene = args.scene or first_scene_of_split(nusc, args.split)
         policy = SyncPolicy(
             every_k_sweeps=args.every_k_sweeps, keyframes_only=args.keyframes_only,
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = {channel: counts for channel, counts in problems.items() if counts}
     if problems:
         print(f"messages skipped as bad: {problems}")
+    if summary.get("faults"):
+        print(f"faults counted and skipped, by kind: {summary['faults']}")
     print(f"detections: {outputs.detections}")
     print(f"summary:    {outputs.summary}")
     if outputs.frames_dir is not None:

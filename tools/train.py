@@ -24,6 +24,10 @@ validation predictions the module keeps (fusion.evaluation.NuScenesDetectionMetr
 Checkpoints are written atomically (temp file + fsync + os.replace: a killed run never leaves a corrupt last.ckpt)
 and read back with torch.load(weights_only=True) (fusion.checkpoints.AtomicCheckpointIO).
 
+Checkpoints given with --ckpt_path may only name classes of this package (Lightning rebuilds the model from their
+saved hyper-parameters); `--allow-class module.Class` (repeatable) allows one more class you trust.
+Exit status: 0 on success, 2 for bad input (a message names the file / field), 1 only for bugs.
+
 Seed: `seed_everything` in the config (or --seed_everything N) seeds Python, numpy, torch and the workers.
 Precision: --trainer.precision from the config. Mixed precision ("bf16-mixed", "16-mixed") is used on CUDA only:
 on a CPU run it falls back to "32-true" with a warning, and "bf16-mixed" becomes "16-mixed" on a GPU without bf16.
@@ -56,7 +60,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from fusion.checkpoints import AtomicCheckpointIO
+from fusion.checkpoint_allowlist import ClassAllowList, check_class_paths
+from fusion.checkpoints import AtomicCheckpointIO, load_checkpoint
 from fusion.datasets.datamodule import FusionDataModule
 from fusion.evaluation import NuScenesDetectionMetrics
 from fusion.module import FusionCLI, FusionDetector
@@ -92,7 +97,20 @@ def resolve_precision(precision, accelerator) -> str | int:
 class TrainCLI(FusionCLI):
     """FusionCLI (model.grid -> data.grid link) plus a per-epoch ModelCheckpoint (`checkpoint`), the best-by-NDS
     ModelCheckpoint (`best_checkpoint`), the devkit validation metrics (`nuscenes_metrics`), TensorBoard + CSV loggers,
-    atomic weights-only checkpoint IO and CPU-safe precision."""
+    atomic weights-only checkpoint IO and CPU-safe precision. A --ckpt_path checkpoint's class paths are checked
+    against `allowed_classes` before Lightning parses its hyper-parameters."""
+
+    allowed_classes: ClassAllowList = ClassAllowList()
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            if isinstance(saved, dict):  # Lightning drops "_instantiator" itself and imports nothing from it
+                saved = {k: v for k, v in saved.items() if k != "_instantiator"}
+            check_class_paths(saved, self.allowed_classes, f"--ckpt_path {ckpt_path}")
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -147,11 +165,34 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
     """jsonargparse's help, with this module's docstring kept as written."""
 
 
+def split_allow_class(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the --allow-class options, the class names they give)."""
+    rest, names, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--allow-class" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--allow-class="):
+            names.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, names
+
+
 def main(argv: list[str] | None = None, run: bool = True) -> TrainCLI:
-    """Run the CLI on argv (sys.argv[1:] when None); returns it (cli.trainer, cli.model, cli.datamodule)."""
-    return TrainCLI(FusionDetector, FusionDataModule, args=argv, run=run, save_config_kwargs={"overwrite": True},
-                    parser_kwargs={"description": __doc__, "formatter_class": _HelpFormatter})
+    """Run the CLI on argv (sys.argv[1:] when None); returns it (cli.trainer, cli.model, cli.datamodule).
+    Raises ValueError (ClassNotAllowedError, a bad checkpoint) naming the file for bad input."""
+    argv, allowed = split_allow_class(list(sys.argv[1:] if argv is None else argv))
+    cli_class = type("AllowListTrainCLI", (TrainCLI,), {"allowed_classes": ClassAllowList.with_names(allowed)})
+    return cli_class(FusionDetector, FusionDataModule, args=argv, run=run, save_config_kwargs={"overwrite": True},
+                     parser_kwargs={"description": __doc__, "formatter_class": _HelpFormatter})
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback (exit 2)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

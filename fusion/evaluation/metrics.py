@@ -31,13 +31,11 @@ TP_ERROR_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE"
 
 
 def load_nuscenes(dataroot: str | os.PathLike, version: str, verbose: bool = False) -> "NuScenes":
-    """The devkit's NuScenes tables; FileNotFoundError names the dataroot / version folder."""
-    from nuscenes import NuScenes
+    """The devkit's NuScenes tables (fusion.datasets.nuscenes_tables.open_nuscenes); FileNotFoundError names the
+    dataroot / version folder, ValueError tables the devkit cannot read; a missing map PNG is tolerated."""
+    from fusion.datasets.nuscenes_tables import open_nuscenes
 
-    dataroot = os.fspath(dataroot)
-    if not os.path.isdir(os.path.join(dataroot, version)):
-        raise FileNotFoundError(f"nuScenes dataroot {dataroot} has no version folder {version!r}")
-    return NuScenes(version=version, dataroot=dataroot, verbose=verbose)
+    return open_nuscenes(dataroot, version, verbose)
 
 
 def split_sample_tokens(nusc: "NuScenes", split: str) -> list[str]:

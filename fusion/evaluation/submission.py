@@ -8,13 +8,12 @@ JSON, and checking a submission against the detection format before the devkit s
 - `make_submission`: every sample of the split present (possibly with an empty list), at most 500 boxes per sample
   (best scores kept), attribute names valid for the class (`default_attribute` where none is predicted), `meta` with
   the sensors used (`submission_meta`).
-- `validate_submission`: the submission format checked, with errors naming the sample token and field
-  (`SubmissionError`).
+- `validate_submission` (fusion.evaluation.submission_schema): the submission format checked types first, with
+  errors naming the sample token and field (`SubmissionError`); `load_submission` reads the JSON file.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -22,17 +21,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fusion.datasets.safe_io import checked_size
+from fusion.evaluation.submission_schema import (BOX_FIELDS, MAX_BOXES_PER_SAMPLE, META_KEYS,  # noqa: F401
+                                                 QUATERNION_NORM_TOLERANCE, SubmissionError, validate_submission)
 from fusion.geometry import matrix_to_quaternion
 from fusion.types import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, MODALITIES, NO_ATTRIBUTE, Boxes
 
-MAX_BOXES_PER_SAMPLE = 500
 #: Above this speed (m/s) a box without a predicted attribute counts as moving (the public baselines' rule).
 MOVING_SPEED_MPS = 0.2
-#: Allowed |norm - 1| of a submitted rotation quaternion.
-QUATERNION_NORM_TOLERANCE = 1e-3
-META_KEYS = ("use_camera", "use_lidar", "use_radar", "use_map", "use_external")
-BOX_FIELDS = ("sample_token", "translation", "size", "rotation", "velocity", "detection_name", "detection_score",
-              "attribute_name")
 
 
 def default_attribute(detection_name: str, speed_mps: float) -> str:
@@ -201,123 +197,13 @@ def write_submission(submission: Mapping, path: str | os.PathLike) -> Path:
     return path
 
 
-class SubmissionError(ValueError):
-    """A submission that does not follow the nuScenes format; `problems` lists each one (token and field named)."""
-
-    def __init__(self, source: str, problems: list[str], limit: int = 20, kind: str = "detection"):
-        self.source = source
-        self.problems = list(problems)
-        shown = "\n".join(f"  - {p}" for p in problems[:limit])
-        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        super().__init__(f"{source}: invalid nuScenes {kind} submission ({len(problems)} problem(s)):\n"
-                         f"{shown}{more}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _vector_problem(value: Any, length: int) -> str | None:
-    if not isinstance(value, (list, tuple)) or len(value) != length:
-        return f"must be a list of {length} numbers, got {value!r}"[:200]
-    if not all(_is_number(v) for v in value):
-        return f"must hold numbers only, got {value!r}"[:200]
-    if not all(math.isfinite(v) for v in value):
-        return f"has non-finite values {list(value)}"
-    return None
-
-
-def _box_problems(where: str, token: str, box: Any) -> list[str]:
-    if not isinstance(box, dict):
-        return [f"{where}: must be an object, got {type(box).__name__}"]
-    problems = [f"{where}: missing field {name!r}" for name in BOX_FIELDS if name not in box]
-    if box.get("sample_token", token) != token:
-        problems.append(f"{where}.sample_token: {box['sample_token']!r} differs from its results key {token!r}")
-    for name, length in (("translation", 3), ("size", 3), ("rotation", 4), ("velocity", 2)):
-        if name not in box:
-            continue
-        problem = _vector_problem(box[name], length)
-        if problem:
-            problems.append(f"{where}.{name}: {problem}")
-        elif name == "size" and min(box[name]) < 0:
-            problems.append(f"{where}.size: negative size {list(box[name])}")
-        elif name == "rotation":
-            norm = math.sqrt(sum(v * v for v in box[name]))
-            if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
-                problems.append(f"{where}.rotation: quaternion {list(box[name])} has norm {norm:.6g}, not 1")
-    name = box.get("detection_name")
-    if "detection_name" in box and name not in CLASS_ATTRIBUTES:
-        problems.append(f"{where}.detection_name: unknown class {name!r}; expected one of {list(DETECTION_CLASSES)}")
-    if "detection_score" in box:
-        score = box["detection_score"]
-        if not _is_number(score) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
-            problems.append(f"{where}.detection_score: must be a finite number in [0, 1], got {score!r}")
-    if "attribute_name" in box and name in CLASS_ATTRIBUTES:
-        attribute = box["attribute_name"]
-        allowed = CLASS_ATTRIBUTES[name]
-        if attribute not in allowed and not (attribute == "" and not allowed):
-            expected = list(allowed) if allowed else ['""']
-            problems.append(f"{where}.attribute_name: {attribute!r} is not valid for {name}; expected one of "
-                            f"{expected}")
-    return problems
-
-
-def validate_submission(submission: Any, sample_tokens: Sequence[str], source: str = "submission",
-                        box_problems: Callable[[str, str, Any], list[str]] | None = None,
-                        kind: str = "detection") -> None:
-    """Check a submission dict against the nuScenes detection format for a split; raise SubmissionError listing
-    every problem (missing or unknown sample tokens, missing meta or fields, bad class or attribute names,
-    non-finite numbers, non-unit quaternions, negative sizes, scores outside [0, 1], more than 500 boxes).
-    box_problems(where, token, box) -> problems checks one box (default: the detection format's; the tracking
-    format passes its own, fusion.tracking.submission); kind names the format in the error."""
-    box_problems = box_problems or _box_problems
-    if not isinstance(submission, dict):
-        raise SubmissionError(source, [f"top level must be an object with 'meta' and 'results', got "
-                                       f"{type(submission).__name__}"], kind=kind)
-    problems = []
-    meta = submission.get("meta")
-    if meta is None:
-        problems.append(f"missing 'meta' (an object with {list(META_KEYS)})")
-    elif not isinstance(meta, dict):
-        problems.append(f"meta: must be an object, got {type(meta).__name__}")
-    else:
-        for key in META_KEYS:
-            if key not in meta:
-                problems.append(f"meta: missing {key!r}")
-            elif not isinstance(meta[key], bool):
-                problems.append(f"meta.{key}: must be true or false, got {meta[key]!r}")
-    results = submission.get("results")
-    if not isinstance(results, dict):
-        problems.append("missing 'results' (an object: sample token -> list of boxes)" if results is None
-                        else f"results: must be an object, got {type(results).__name__}")
-        raise SubmissionError(source, problems, kind=kind)
-    split = set(sample_tokens)
-    missing = [t for t in sample_tokens if t not in results]
-    if missing:
-        problems.append(f"results: {len(missing)} sample(s) of the split missing (every sample needs an entry, "
-                        f"possibly an empty list), e.g. {missing[:3]}")
-    unknown = [t for t in results if t not in split]
-    if unknown:
-        problems.append(f"results: {len(unknown)} unknown sample token(s) not in the split, e.g. {unknown[:3]}")
-    for token, boxes in results.items():
-        if not isinstance(boxes, list):
-            problems.append(f"results[{token!r}]: must be a list of boxes, got {type(boxes).__name__}")
-            continue
-        if len(boxes) > MAX_BOXES_PER_SAMPLE:
-            problems.append(f"results[{token!r}]: {len(boxes)} boxes, at most {MAX_BOXES_PER_SAMPLE} allowed")
-        for i, box in enumerate(boxes):
-            problems.extend(box_problems(f"results[{token!r}][{i}]", token, box))
-    if problems:
-        raise SubmissionError(source, problems, kind=kind)
-
-
 def load_submission(path: str | os.PathLike) -> dict:
-    """Read a submission JSON file; FileNotFoundError / ValueError name the file."""
+    """Read a submission JSON file; FileNotFoundError / ValueError name the file (empty, too large, not JSON,
+    numbers with more digits than Python converts, nesting too deep)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
+    checked_size(path, "results file")
     try:
-        with open(path) as handle:
+        with open(path, "rb") as handle:
             return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    except (ValueError, RecursionError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON: {type(error).__name__}: {str(error)[:200]}") from None

@@ -15,7 +15,12 @@ Message accounting (per channel, in the summary)
     not use, superseded or out of tolerance, or its frame was dropped); corrupt (unreadable file: truncated
     .pcd.bin, bad .pcd, corrupt .jpg; a malformed CAN message; a broken table row); missing_file; out_of_order
     (timestamp not newer than the previous message of its channel); late (arrived after a frame it could have
-    belonged to was assembled). None of these stops the replay.
+    belonged to was assembled); duplicate (the same message again); bad_timestamp (not an integer, or more than
+    `SyncPolicy.max_stamp_jump_s` away from the newest accepted message without another channel confirming the
+    jump). None of these stops the replay, and an absurd stamp moves neither the clock nor any channel's order.
+    `faults` counts every fault by kind (read errors split into empty, truncated, too_large, outside_dataroot,
+    corrupt, missing_file: fusion.datasets.safe_io.fault_kind); a frame that cannot be built is counted as failed
+    with its error, and the replay goes on.
 
 Memory: every buffer is a bounded deque whose size follows from the policy; latency percentiles come from a
 fixed-size log-spaced histogram (fusion.replay.latency). Frames: ego frame at the keyframe sweep (x forward, y left,
@@ -36,6 +41,7 @@ from fusion.datasets.can_bus import CAN_KINDS, CAN_MAX_GAP_S, CanState, can_mess
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.drive_stream import CAN_PREFIX, StreamMessage, can_channel
 from fusion.datasets.map_layer import MapLayer
+from fusion.datasets.safe_io import fault_kind
 from fusion.datasets.sample_builder import CHANNELS, SampleBuilder, SensorMessage, strided_sweeps
 from fusion.evaluation.submission import boxes_to_submission
 from fusion.fuser import FusionAttention, contribution_maps
@@ -45,7 +51,8 @@ from fusion.replay.policy import NOMINAL_SWEEP_INTERVAL_US, SyncPolicy
 from fusion.tracking.tracker import Tracker
 from fusion.types import LIDAR_NAME, Boxes, Sample
 
-COUNT_KEYS: tuple[str, ...] = ("received", "used", "skipped", "corrupt", "missing_file", "out_of_order", "late")
+COUNT_KEYS: tuple[str, ...] = ("received", "used", "skipped", "corrupt", "missing_file", "out_of_order", "late",
+                                "duplicate", "bad_timestamp")
 
 
 class Detector(Protocol):
@@ -163,6 +170,10 @@ class ReplayEngine:
         self.frames_failed = 0
         self.frame_errors: deque[str] = deque(maxlen=20)
         self.last_timestamp_us: dict[str, int] = {}
+        self.last_message: dict[str, StreamMessage] = {}
+        self.faults: dict[str, Counter] = {}
+        self.newest_us: int | None = None  # newest accepted stamp of any channel
+        self.stamp_jump: tuple[str, int] | None = None  # (channel, stamp) of the last skipped jump
         self.closed_until_us = -math.inf
         self.sweep_interval_us = NOMINAL_SWEEP_INTERVAL_US
         self.sweeps_seen = self.eligible_sweeps = 0
@@ -175,6 +186,9 @@ class ReplayEngine:
 
     def _count(self, channel: str, key: str, n: int = 1) -> None:
         self.counts.setdefault(channel, Counter({k: 0 for k in COUNT_KEYS}))[key] += n
+
+    def _fault(self, channel: str, kind: str) -> None:
+        self.faults.setdefault(channel, Counter())[kind] += 1
 
     def _retire(self, channel: str, entry: _Entry) -> None:
         if not entry.used and not entry.bad:
@@ -198,6 +212,8 @@ class ReplayEngine:
         wall_start = time.perf_counter()
         try:
             for message in self.source:
+                if not self._stamp_ok(message):
+                    continue
                 if self.clock.wall_start is None:
                     self.clock.start(message.timestamp_us)
                     self.stream_span_us = (message.timestamp_us, message.timestamp_us)
@@ -228,18 +244,65 @@ class ReplayEngine:
             self.wall_time_s = time.perf_counter() - wall_start
             self.finished = True
 
+    def _stamp_ok(self, message: StreamMessage) -> bool:
+        """False (counted as bad_timestamp) for a stamp that is not an integer, or that jumps more than
+        max_stamp_jump_s away from the newest accepted one unless another channel's message confirms the jump."""
+        stamp, channel = message.timestamp_us, message.channel
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, np.integer)):
+            self._count(channel, "received")
+            self._count(channel, "bad_timestamp")
+            self._fault(channel, "bad_timestamp")
+            return False
+        if self.newest_us is None or message.error:
+            return True
+        limit = int(self.policy.max_stamp_jump_s * 1e6)
+        if abs(stamp - self.newest_us) <= limit:
+            self.stamp_jump = None
+            return True
+        jump = self.stamp_jump
+        if jump is not None and jump[0] != channel and abs(stamp - jump[1]) <= limit:
+            self.stamp_jump = None  # two channels agree: the recording really jumped
+            if stamp < self.newest_us:  # back from an absurd first stamp: forget what it set
+                self._reanchor(int(min(stamp, jump[1])))
+            return True
+        self.stamp_jump = (channel, int(stamp))
+        self._count(channel, "received")
+        self._count(channel, "bad_timestamp")
+        self._fault(channel, "bad_timestamp")
+        return False
+
+    def _reanchor(self, stamp: int) -> None:
+        """Forget the stream times set by stamps after `stamp` (an absurd stamp the stream started with)."""
+        self.newest_us = stamp
+        self.last_timestamp_us = {c: t for c, t in self.last_timestamp_us.items() if t < stamp}
+        self.last_message = {c: m for c, m in self.last_message.items() if m.timestamp_us < stamp}
+        self.closed_until_us = min(self.closed_until_us, stamp - 1)
+        self.clock.start(stamp)
+
     def _ingest(self, message: StreamMessage) -> None:
-        channel, timestamp = message.channel, message.timestamp_us
+        channel, timestamp = message.channel, int(message.timestamp_us)
         self._count(channel, "received")
         self.stream_span_us = (min(self.stream_span_us[0], timestamp), max(self.stream_span_us[1], timestamp))
         if message.error:
-            self._count(channel, "corrupt")
+            key = "bad_timestamp" if message.fault == "bad_timestamp" else "corrupt"
+            self._count(channel, key)
+            self._fault(channel, message.fault or "corrupt")
+            return
+        previous = self.last_message.get(channel)
+        if previous is not None and timestamp == previous.timestamp_us and previous.token == message.token \
+                and previous.can == message.can:
+            self._count(channel, "duplicate")
+            self._fault(channel, "duplicate")
             return
         if timestamp <= self.last_timestamp_us.get(channel, -math.inf):
             self._count(channel, "out_of_order")
+            self._fault(channel, "out_of_order")
             return
+        self.newest_us = timestamp if self.newest_us is None else max(self.newest_us, timestamp)
+        self.last_message[channel] = message
         if timestamp <= self.closed_until_us:
             self._count(channel, "late")
+            self._fault(channel, "late")
             self.last_timestamp_us[channel] = timestamp
             return
         self.last_timestamp_us[channel] = timestamp
@@ -250,9 +313,11 @@ class ReplayEngine:
             problem = can_message_problem(channel[len(CAN_PREFIX):], message.can)
             if problem:
                 self._count(channel, "corrupt")
+                self._fault(channel, "corrupt")
                 return
         elif message.sensor is None:
             self._count(channel, "corrupt")
+            self._fault(channel, "corrupt")
             return
         entry = _Entry(message)
         self._push(channel, entry)
@@ -284,9 +349,9 @@ class ReplayEngine:
         start = self.clock.now()
         try:
             sample, messages, used = self._assemble(trigger)
-        except (ValueError, FileNotFoundError, OSError) as error:
+        except Exception as error:  # one frame's bad data never ends the drive; counted and named in the summary
             self.frames_failed += 1
-            self.frame_errors.append(f"frame at {trigger.entry.timestamp_us}: {error}")
+            self.frame_errors.append(f"frame at {trigger.entry.timestamp_us}: {type(error).__name__}: {error}"[:500])
             return None
         if self.transforms is not None:
             sample = self.transforms(sample)
@@ -395,6 +460,7 @@ class ReplayEngine:
                     if not entry.bad:
                         entry.bad = True
                         self._count(channel, "missing_file" if isinstance(error, FileNotFoundError) else "corrupt")
+                        self._fault(channel, fault_kind(error))
                     continue
                 if not self._was_read(channel, entries, entry, sample):
                     continue
@@ -450,6 +516,9 @@ class ReplayEngine:
             "latency_ms": self.latency.summary(),
             "processing_ms": self.processing.summary(),
             "messages": {c: dict(self.counts[c]) for c in channels},
+            "faults": dict(sum(self.faults.values(), Counter())),
+            "faults_by_channel": {c: dict(self.faults[c]) for c in channels if c in self.faults},
+            "clock_gaps_shortened": self.clock.gaps_shortened,
             "buffer_high_water": dict(self.buffer_high_water),
             "buffer_capacity": {c: self.policy.capacity(c) for c in self.buffer_high_water},
             "stream_seconds": (span[1] - span[0]) * 1e-6 if span else 0.0,

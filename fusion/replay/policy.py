@@ -44,6 +44,10 @@ class SyncPolicy:
     max_pending_frames: int = 8
     #: CAN messages kept per type (pose 50 Hz, ms_imu 100 Hz: 256 cover over 2.5 s).
     can_buffer: int = 256
+    #: A message stamped more than this (seconds) after the newest accepted message, or before it, is an absurd
+    #: stamp: counted as bad_timestamp and skipped, unless a message of another channel confirms the jump (a real
+    #: pause in the recording).
+    max_stamp_jump_s: float = 5.0
 
     def __post_init__(self):
         checks = {"every_k_sweeps": self.every_k_sweeps >= 1, "lidar_sweeps": self.lidar_sweeps >= 0,
@@ -51,7 +55,7 @@ class SyncPolicy:
                   "radar_sweeps": self.radar_sweeps >= 1, "camera_tolerance_s": self.camera_tolerance_s >= 0,
                   "radar_tolerance_s": self.radar_tolerance_s >= 0, "wait_s": 0 <= self.wait_s <= 1.0,
                   "max_sweep_age_s": self.max_sweep_age_s > 0, "max_pending_frames": self.max_pending_frames >= 1,
-                  "can_buffer": self.can_buffer >= 2}
+                  "can_buffer": self.can_buffer >= 2, "max_stamp_jump_s": self.max_stamp_jump_s > 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"SyncPolicy.{name}={getattr(self, name)!r} is out of range")

@@ -32,7 +32,7 @@ def engine_for_scene(nusc, scene_name: str, detector, data, policy: SyncPolicy |
     source = SceneSource(nusc, scene_name, can_bus if use_gps else None)
     map_layer, map_reason = None, "modality not used by the model"
     if use_gps:
-        map_reason = "the scene's log has no map"
+        map_reason = source.map_path_error or "the scene's log has no map"
         if source.map_path is not None:
             try:
                 map_layer = load_map_layer(source.map_path)

@@ -7,13 +7,13 @@ translation (m), size (w, l, h) (m), rotation (w, x, y, z), velocity (vx, vy) (m
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from fusion.evaluation.submission import (MAX_BOXES_PER_SAMPLE, QUATERNION_NORM_TOLERANCE, SubmissionError,
-                                          _vector_problem, submission_meta, validate_submission)
+from fusion.evaluation.submission import submission_meta
+from fusion.evaluation.submission_schema import (MAX_BOXES_PER_SAMPLE, VECTOR_FIELDS, SubmissionError,
+                                                 bounded_number, show, validate_submission, vector_problem)
 from fusion.tracking.tracker import TRACKING_CLASSES, Tracker, TrackerConfig
 from fusion.types import MODALITIES
 
@@ -79,34 +79,30 @@ def ground_truth_tracking_submission(nusc: "NuScenes", sample_tokens: Sequence[s
 
 
 def tracking_box_problems(where: str, token: str, box: Any) -> list[str]:
-    """The problems of one tracking submission box (each naming `where` and the field)."""
+    """The problems of one tracking submission box (each naming `where` and the field), types first."""
     if not isinstance(box, dict):
-        return [f"{where}: must be an object, got {type(box).__name__}"]
+        return [f"{where}: must be an object, got {show(box)}"]
     problems = [f"{where}: missing field {name!r}" for name in TRACKING_BOX_FIELDS if name not in box]
-    if box.get("sample_token", token) != token:
-        problems.append(f"{where}.sample_token: {box['sample_token']!r} differs from its results key {token!r}")
-    for name, length in (("translation", 3), ("size", 3), ("rotation", 4), ("velocity", 2)):
-        if name not in box:
-            continue
-        problem = _vector_problem(box[name], length)
-        if problem:
-            problems.append(f"{where}.{name}: {problem}")
-        elif name == "size" and min(box[name]) < 0:
-            problems.append(f"{where}.size: negative size {list(box[name])}")
-        elif name == "rotation":
-            norm = math.sqrt(sum(v * v for v in box[name]))
-            if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
-                problems.append(f"{where}.rotation: quaternion {list(box[name])} has norm {norm:.6g}, not 1")
-    if "tracking_id" in box and (not isinstance(box["tracking_id"], str) or not box["tracking_id"]):
-        problems.append(f"{where}.tracking_id: must be a non-empty string, got {box['tracking_id']!r}"[:200])
-    if "tracking_name" in box and box["tracking_name"] not in TRACKING_CLASSES:
-        problems.append(f"{where}.tracking_name: unknown class {box['tracking_name']!r}; expected one of "
+    for field in ("sample_token", "tracking_id", "tracking_name"):
+        if field in box and not isinstance(box[field], str):
+            problems.append(f"{where}.{field}: must be a string, got {show(box[field])}")
+    if isinstance(box.get("sample_token"), str) and box["sample_token"] != token:
+        problems.append(f"{where}.sample_token: {show(box['sample_token'])} differs from its results key "
+                        f"{show(token)}")
+    for name in VECTOR_FIELDS:
+        if name in box:
+            problem = vector_problem(name, box[name])
+            if problem:
+                problems.append(f"{where}.{name}: {problem}")
+    if isinstance(box.get("tracking_id"), str) and not box["tracking_id"]:
+        problems.append(f"{where}.tracking_id: must be a non-empty string")
+    if isinstance(box.get("tracking_name"), str) and box["tracking_name"] not in TRACKING_CLASSES:
+        problems.append(f"{where}.tracking_name: unknown class {show(box['tracking_name'])}; expected one of "
                         f"{list(TRACKING_CLASSES)}")
     if "tracking_score" in box:
         score = box["tracking_score"]
-        if (not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score)
-                or not 0.0 <= score <= 1.0):
-            problems.append(f"{where}.tracking_score: must be a finite number in [0, 1], got {score!r}")
+        if not bounded_number(score, 1.0) or score < 0:
+            problems.append(f"{where}.tracking_score: must be a finite number in [0, 1], got {show(score)}")
     return problems
 
 
@@ -116,7 +112,7 @@ def validate_tracking_submission(submission: Any, sample_tokens: Sequence[str], 
     validate_submission(submission, sample_tokens, source, box_problems=tracking_box_problems, kind="tracking")
     problems = []
     for token, boxes in submission["results"].items():
-        ids = [box["tracking_id"] for box in boxes]
+        ids = [box["tracking_id"] for box in boxes]  # validated above: strings
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
             problems.append(f"results[{token!r}]: tracking_id {repeated[0]!r} used by {ids.count(repeated[0])} "
