@@ -24,16 +24,17 @@ _MAP_NAMES = ("heatmap", "offset", "height", "size", "rotation", "velocity", "at
 
 def graph_inputs(batch: Batch, spec: ExportSpec) -> dict[str, Tensor]:
     """{input name: CPU tensor} for the graph of `spec` from a Batch of one sample (see spec.input_names for shapes,
-    frames and units). A sensor the batch lacks is given as an empty / invalid input and False in `present`.
+    frames and units). A sensor the batch lacks is given as an empty / invalid input and False in `present`; an
+    empty point cloud as one point far outside the grid (`_never_empty`).
     ValueError if the batch has more than one sample or camera images of another size than the graph's."""
     if batch.batch_size != 1:
         raise ValueError(f"the exported graph takes one sample at a time, got a batch of {batch.batch_size}")
     grid = spec.bev_grid
     inputs: dict[str, Tensor] = {}
     if "lidar" in spec.modalities:
-        inputs["lidar_points"] = batch.lidar_points.detach().cpu().float().reshape(-1, len(LIDAR_FEATURES))
+        inputs["lidar_points"] = _never_empty(batch.lidar_points.detach().cpu().float(), len(LIDAR_FEATURES))
     if "radar" in spec.modalities:
-        inputs["radar_points"] = batch.radar_points.detach().cpu().float().reshape(-1, len(RADAR_FEATURES))
+        inputs["radar_points"] = _never_empty(batch.radar_points.detach().cpu().float(), len(RADAR_FEATURES))
     if "camera" in spec.modalities:
         height, width = spec.image_size
         cameras = batch.cameras
@@ -60,6 +61,16 @@ def graph_inputs(batch: Batch, spec: ExportSpec) -> dict[str, Tensor]:
                for m in spec.modalities]
     inputs["present"] = torch.stack(present, dim=1)
     return {name: inputs[name] for name in spec.inputs}
+
+
+def _never_empty(points: Tensor, columns: int) -> Tensor:
+    """points [N, columns], or for N = 0 one point 1000 km away (x, y), which the voxelization drops like any point
+    outside the grid: onnxruntime's MatMul / LayerNorm kernels reject zero-row inputs."""
+    points = points.reshape(-1, columns)
+    if points.shape[0] == 0:
+        points = torch.zeros(1, columns)
+        points[0, :2] = 1e6
+    return points
 
 
 def head_output(outputs: dict[str, Tensor]) -> HeadOutput:
