@@ -39,16 +39,6 @@ def export_spec(model, image_size: tuple[int, int] | None, num_cameras: int = 6,
                       outputs=output_names(direction))
 
 
-def _scatter_reduce_symbolic(g, values, dim, index, source, reduce, include_self):
-    """aten::scatter_reduce (include_self=True, sum / amax, every tensor of rank 2 here) as one ScatterElements node:
-    torch's own symbolic wraps it in If nodes for rank-0 inputs, whose shapes onnxruntime then warns about."""
-    from torch.onnx import symbolic_helper
-
-    reduction = {"sum": "add", "amax": "max", "amin": "min", "prod": "mul"}[symbolic_helper._parse_arg(reduce, "s")]
-    return g.op("ScatterElements", values, index, source, axis_i=symbolic_helper._parse_arg(dim, "i"),
-                reduction_s=reduction)
-
-
 def export_onnx(model, spec: ExportSpec, example: Batch, path: str | Path) -> Path:
     """Write `model` (a FusionDetector; put in eval mode) as ONNX to `path`, traced on `example` (a Batch of one
     sample in the spec's input configuration, all sensors present), with the spec as metadata. UnsupportedExport
@@ -62,15 +52,11 @@ def export_onnx(model, spec: ExportSpec, example: Batch, path: str | Path) -> Pa
     dynamic_axes = {name: {0: f"{name}_count"} for name in ("lidar_points", "radar_points") if name in inputs}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.register_custom_op_symbolic("aten::scatter_reduce", _scatter_reduce_symbolic, OPSET)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings: shape checks become constants (shapes are fixed)
-            torch.onnx.export(graph, tuple(inputs[name] for name in spec.inputs), str(path), dynamo=False,
-                              opset_version=OPSET, input_names=spec.inputs, output_names=spec.outputs,
-                              dynamic_axes=dynamic_axes)
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::scatter_reduce", OPSET)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings: shape checks become constants (shapes are fixed)
+        torch.onnx.export(graph, tuple(inputs[name] for name in spec.inputs), str(path), dynamo=False,
+                          opset_version=OPSET, input_names=spec.inputs, output_names=spec.outputs,
+                          dynamic_axes=dynamic_axes)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, spec.to_json()

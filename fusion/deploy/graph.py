@@ -42,10 +42,24 @@ class PillarCells(nn.Module):
         return torch.where(kept, flat, torch.full_like(flat, self.grid.height * self.grid.width))
 
 
+class _RowScatter(torch.autograd.Function):
+    """out[index[i]] = reduce(out[index[i]], values[i]) for whole rows. Exported as one ScatterND over rows: torch's
+    scatter_reduce becomes ScatterElements over an index expanded to every element, which onnxruntime runs element
+    by element (most of the graph's time in the pillar and camera pooling; ScatterND reduces whole rows)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, index: Tensor, values: Tensor, reduce: str) -> Tensor:
+        return out.scatter_reduce(0, index[:, None].expand(-1, values.shape[1]), values, reduce, include_self=True)
+
+    @staticmethod
+    def symbolic(g, out, index, values, reduce: str):
+        rows = g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
+        return g.op("ScatterND", out, rows, values, reduction_s={"sum": "add", "amax": "max"}[reduce])
+
+
 def _segment(values: Tensor, index: Tensor, segments: int, reduce: str) -> Tensor:
     """[segments, C] sum ("sum") or max into zeros ("amax") of values [N, C] over index [N] in [0, segments)."""
-    out = values.new_zeros(segments, values.shape[1])
-    return out.scatter_reduce(0, index[:, None].expand(-1, values.shape[1]), values, reduce, include_self=True)
+    return _RowScatter.apply(values.new_zeros(segments, values.shape[1]), index, values, reduce)
 
 
 class DensePillars(nn.Module):
