@@ -90,12 +90,10 @@ def test_onnxruntime_gives_the_pytorch_boxes_with_every_sensor_subset(exported, 
     assert matched > 10 * len(records)  # real boxes compared, not empty lists
     assert sum(r.boxes.borderline for r in records) < 0.01 * matched
     assert max(r.max_map_difference for r in records) < 1e-3
-    # Removing a sensor changes the boxes (the mask reaches the graph), in both runtimes alike.
-    by_subset = {(r.token, r.subset): r.boxes for r in records}
-    token = records[0].token
-    assert by_subset[(token, "all")].reference != by_subset[(token, "no_lidar")].reference or \
-        run.model.decode(run.model(batches[0])[0])[0].scores.sum() != \
-        run.model.decode(run.model(batches[0].without("lidar"))[0])[0].scores.sum()
+    # The mask reaches the graph: removing the LiDAR changes onnxruntime's raw maps.
+    with_lidar, _ = detector.run(batches[0])
+    without_lidar, _ = detector.run(batches[0].without("lidar"))
+    assert float((with_lidar.heatmap - without_lidar.heatmap).abs().max()) > 1e-3
 
 
 def test_empty_clouds_and_no_cameras(exported, tiny_dataroot):
