@@ -15,6 +15,7 @@ from setuptools import setup
 PACKAGES = {
     "fusion": "fusion",
     "fusion.branches": "fusion/branches",
+    "fusion.deploy": "fusion/deploy",
     "fusion.evaluation": "fusion/evaluation",
     "fusion.heads": "fusion/heads",
     "fusion.replay": "fusion/replay",

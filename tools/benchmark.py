@@ -3,6 +3,7 @@
     python tools/benchmark.py ops      [--device cpu|cuda] ...   voxelization, bev_pool, scatter backends
     python tools/benchmark.py reader   --dataroot DIR ...        our nuScenes reader vs the devkit
     python tools/benchmark.py model    --config FILE ...         inference / training throughput
+    python tools/benchmark.py inference [--config FILE] ...      per-stage latency: eager, torch.compile, onnxruntime
 
 Each area prints a table and, with --json FILE, writes its figures as JSON. Run `... AREA --help` for options.
 """
@@ -17,6 +18,7 @@ AREAS = {
     "ops": "tools.benchmarks.ops",
     "reader": "tools.benchmarks.reader",
     "model": "tools.benchmarks.model",
+    "inference": "tools.benchmarks.inference",
 }
 
 

@@ -5,6 +5,7 @@ r"""Replay a recorded drive through a trained FusionDetector as if it were live 
         --checkpoint outputs/tiny_cpu/checkpoints/last.ckpt --out outputs/replay
     python tools/replay.py --dataroot DIR --version V --split synth_val --checkpoint CKPT --out DIR --rate 1.0
     python tools/replay.py --scenario configs/scenarios/scene-2009_traffic.yaml --checkpoint CKPT --out DIR
+    python tools/replay.py ... --checkpoint CKPT --runtime onnx --onnx model.onnx    # onnxruntime (tools/export.py)
 
 Every sample_data of the scene (LiDAR, radar and camera sweeps, not only keyframes) and its CAN bus messages are
 replayed in timestamp order. Without --scene, the first scene of --split is replayed. The model and its data
@@ -112,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tracking", action="store_true", help="do not track (the records' tracks stay empty)")
     parser.add_argument("--scenario", help="scenario YAML: the drive and the criteria its replay must meet")
     parser.add_argument("--junit", help="where --scenario writes its JUnit XML (default OUT/scenario_junit.xml)")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="run the checkpoint in PyTorch (default) or the --onnx file (tools/export.py) in "
+                        "onnxruntime; the data settings come from the checkpoint either way")
+    parser.add_argument("--onnx", help="the exported model for --runtime onnx")
     args = parser.parse_args(argv)
     if args.scenario is None:
         for name in ("dataroot", "version"):
@@ -128,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-frames must be >= 1")
     if args.png_every < 0:
         parser.error("--png-every must be >= 0")
+    if args.runtime == "onnx" and not args.onnx:
+        parser.error("--runtime onnx needs --onnx FILE")
     return args
 
 
@@ -161,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         model, data = run.model.to(device).eval(), run.data
         if model.temporal is not None:
             model.temporal.reset()
+        detector = model
+        if args.runtime == "onnx":
+            from fusion.deploy.runtime import OnnxDetector
+
+            detector = OnnxDetector(args.onnx, score_threshold=args.score_threshold)
+            if detector.modalities != model.modalities or detector.grid != model.grid:
+                raise ValueError(f"--onnx {args.onnx} was exported from another model than {checkpoint}")
+            device = "cpu (onnxruntime)"
         nusc = open_nuscenes(str(dataroot), args.version)
         scene = args.scene or first_scene_of_split(nusc, args.split)
         policy = SyncPolicy(
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             camera_tolerance_s=args.camera_tolerance_ms / 1e3, radar_tolerance_s=args.radar_tolerance_ms / 1e3,
             wait_s=args.sync_wait_ms / 1e3, max_sweep_age_s=args.max_age_ms / 1e3)
         engine_options = {"tracker": None} if args.no_tracking else {}
-        engine = engine_for_scene(nusc, scene, model, data, policy, rate=args.rate,
+        engine = engine_for_scene(nusc, scene, detector, data, policy, rate=args.rate,
                                   max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions,
                                   **engine_options)
     except (FileNotFoundError, ValueError) as error:  # ScenarioError is a ValueError
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, args.out, model.grid, max_frames=args.max_frames, video=args.video, png_every=args.png_every,
         contributions=not args.no_contributions,
         extra_summary={"checkpoint": str(checkpoint), "config": args.config, "dataroot": str(dataroot),
-                       "version": args.version, "device": device})
+                       "version": args.version, "device": device, "runtime": args.runtime, "onnx": args.onnx})
     frames, latency = summary["frames"], summary["latency_ms"]
     print(f"frames: {frames['processed']} processed, {frames['dropped']} dropped, {frames['late']} late "
           f"({frames['failed']} failed) in {summary['wall_time_s']:.1f} s for {summary['stream_seconds']:.1f} s "

@@ -1,0 +1,12 @@
+"""Deployment of a trained FusionDetector off PyTorch: ONNX export and onnxruntime inference with parity checks.
+
+- `spec`: `ExportSpec`, the fixed input configuration written into the ONNX file, and `check_exportable`, which
+  refuses what cannot be exported faithfully (spconv LiDAR, temporal fusion, unknown branch types).
+- `graph`: `ExportableDetector`, the model as one tensor-in / tensor-out module in standard ONNX operators (the
+  voxelization and the camera BEV pooling re-expressed densely; the trained sub-modules are reused as they are).
+- `inputs`: the shared pre- and post-processing of both runtimes: Batch -> graph inputs, graph outputs -> HeadOutput
+  -> `fusion.heads.decode.decode_boxes`.
+- `export`: `export_onnx`, torch.onnx (TorchScript exporter) plus the spec as metadata.
+- `runtime`: `OnnxDetector`, an onnxruntime session with the replay engine's `predict(batch)` interface.
+- `parity`: box-by-box comparison of two runtimes' detections.
+"""

@@ -1,0 +1,163 @@
+"""ONNX export (tools/export.py, fusion/deploy): onnxruntime gives the PyTorch model's boxes on the tiny validation
+drive with all sensors and with each sensor missing; empty clouds; unsupported models are refused with exit 2;
+replay runs on onnxruntime. The model is configs/tiny_cpu.yaml made cheaper (3.2 m cells, 48x128 images, one
+sweep), freshly initialised (seeded) with its heatmap logits spread out so that scores are not all ~0.1."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("onnxruntime")
+
+from fusion.checkpoints import atomic_torch_save, load_run  # noqa: E402
+from fusion.datasets.collate import collate_samples  # noqa: E402
+from fusion.deploy.parity import check_parity, compare_boxes  # noqa: E402
+from fusion.deploy.runtime import OnnxDetector  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call(tool, argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = tool.main(argv)
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _cheap_config(folder: Path, **model_changes) -> tuple[Path, dict]:
+    config = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+    config["model"]["grid"]["cell_size"] = 3.2
+    config["model"].update(model_changes)
+    config["data"].update(image_size=[48, 128], lidar_sweeps=1, radar_sweeps=1, batch_size=1, num_workers=0,
+                          cache_dir=None)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, config
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dataroot, tmp_path_factory):
+    """(config path, checkpoint, onnx path, PyTorch model) of a fresh cheap model, exported by tools/export.py."""
+    folder = tmp_path_factory.mktemp("onnx_export")
+    config_path, config = _cheap_config(folder)
+    torch.manual_seed(0)
+    model = load_run(config=config_path).model
+    with torch.no_grad():  # spread the heatmap logits (untrained they are all about -2.19)
+        last = model.head.heatmap[-1]
+        last.weight.mul_(20.0)
+    checkpoint = folder / "fresh.ckpt"
+    hyper_parameters = {**config["model"], "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters,
+                       "datamodule_hyper_parameters": config["data"]}, checkpoint)
+    onnx_path = folder / "model.onnx"
+    code, out, err = _call(_tool("export"), ["--checkpoint", str(checkpoint), "--out", str(onnx_path)])
+    assert code == 0, err
+    assert "largest |onnxruntime - PyTorch|" in out
+    run = load_run(checkpoint, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version,
+                   split=tiny_dataroot.val_split, num_workers=0, cache_dir=None)
+    return config_path, checkpoint, onnx_path, run
+
+
+def test_onnxruntime_gives_the_pytorch_boxes_with_every_sensor_subset(exported, tiny_dataroot):
+    _, _, onnx_path, run = exported
+    detector = OnnxDetector(onnx_path, threads=1)
+    assert detector.spec.image_size == (48, 128) and detector.modalities == run.model.modalities
+    dataset = run.data.make_dataset(tiny_dataroot.val_split, train=False)
+    batches = [collate_samples([dataset[i]]) for i in range(len(dataset))]
+    records = check_parity(run.model, detector, batches)
+    assert {r.subset for r in records} == {"all", "no_camera", "no_lidar", "no_radar", "no_gps"}
+    assert len(records) == 5 * len(dataset)
+    failures = [(r.token, r.subset, r.boxes) for r in records if not r.boxes.ok]
+    assert not failures
+    matched = sum(r.boxes.matched for r in records)
+    assert matched > 10 * len(records)  # real boxes compared, not empty lists
+    assert sum(r.boxes.borderline for r in records) < 0.01 * matched
+    assert max(r.max_map_difference for r in records) < 1e-3
+    # The mask reaches the graph: removing the LiDAR changes onnxruntime's raw maps.
+    with_lidar, _ = detector.run(batches[0])
+    without_lidar, _ = detector.run(batches[0].without("lidar"))
+    assert float((with_lidar.heatmap - without_lidar.heatmap).abs().max()) > 1e-3
+
+
+def test_empty_clouds_and_no_cameras(exported, tiny_dataroot):
+    _, _, onnx_path, run = exported
+    detector = OnnxDetector(onnx_path, threads=1)
+    dataset = run.data.make_dataset(tiny_dataroot.val_split, train=False)
+    batch = collate_samples([dataset[0]])
+    batch.lidar_points, batch.lidar_batch = batch.lidar_points[:0], batch.lidar_batch[:0]
+    batch.radar_points, batch.radar_batch = batch.radar_points[:0], batch.radar_batch[:0]
+    batch.cameras = None
+    batch.present = {**batch.present, "camera": torch.zeros(1, dtype=torch.bool)}
+    with torch.no_grad():
+        reference = run.model.predict_boxes(batch)[0]
+    candidate = detector.predict_boxes(batch)[0]
+    parity = compare_boxes(reference, candidate, run.model.hparams["score_threshold"], run.model.hparams["max_boxes"])
+    assert parity.ok and parity.matched > 0, parity
+
+
+def test_parity_tool_reports_every_subset(exported, tiny_dataroot):
+    _, checkpoint, onnx_path, _ = exported
+    code, out, err = _call(_tool("onnx_parity"), [
+        "--onnx", str(onnx_path), "--checkpoint", str(checkpoint), "--dataroot", str(tiny_dataroot.dataroot),
+        "--version", tiny_dataroot.version, "--split", tiny_dataroot.val_split, "--max-samples", "1"])
+    assert code == 0, out + err
+    assert "parity OK: 5 checks" in out and "no_radar" in out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temporal_fusion": True}, "temporal_fusion"),
+    ({"branches": [{"class_path": "fusion.branches.lidar.LidarBranch",
+                    "init_args": {"out_channels": 16, "voxel_upsample": 2, "sparse_channels": [8, 16],
+                                  "voxel_height": 2.0}}]}, "spconv"),
+])
+def test_export_refuses_what_it_cannot_export_faithfully(tmp_path, change, message):
+    config_path, _ = _cheap_config(tmp_path, **change)
+    code, out, err = _call(_tool("export"), ["--config", str(config_path), "--out", str(tmp_path / "x.onnx")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_replay_runs_on_onnxruntime_like_pytorch(exported, tiny_dataroot, tmp_path):
+    _, checkpoint, onnx_path, _ = exported
+    replay = _tool("replay")
+    common = ["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version, "--split",
+              tiny_dataroot.val_split, "--checkpoint", str(checkpoint), "--max-frames", "2", "--video", "none",
+              "--png-every", "0", "--keyframes-only", "--device", "cpu"]
+    records = {}
+    for runtime in ("torch", "onnx"):
+        extra = ["--runtime", "onnx", "--onnx", str(onnx_path)] if runtime == "onnx" else []
+        code, out, err = _call(replay, common + ["--out", str(tmp_path / runtime)] + extra)
+        assert code == 0, out + err
+        lines = (tmp_path / runtime / "detections.jsonl").read_text().splitlines()
+        records[runtime] = [json.loads(line) for line in lines]
+    assert json.loads((tmp_path / "onnx" / "summary.json").read_text())["runtime"] == "onnx"
+    assert len(records["torch"]) == len(records["onnx"]) == 2
+    for reference, candidate in zip(records["torch"], records["onnx"]):
+        assert len(reference["boxes"]) == len(candidate["boxes"]) > 0
+        for a, b in zip(reference["boxes"], candidate["boxes"]):
+            assert a["detection_name"] == b["detection_name"]
+            assert max(abs(x - y) for x, y in zip(a["translation"], b["translation"])) < 0.01
+            assert abs(a["detection_score"] - b["detection_score"]) < 1e-3
+
+
+def test_replay_onnx_needs_the_file():
+    code, _, err = _call(_tool("replay"), ["--dataroot", "x", "--version", "v", "--split", "s", "--checkpoint", "c",
+                                           "--out", "o", "--runtime", "onnx"])
+    assert code == 2 and "--runtime onnx needs --onnx" in err
