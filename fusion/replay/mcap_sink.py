@@ -150,7 +150,7 @@ class McapSink:
         return self._stamp(message, timestamp_us)
 
     def _color(self, rgb, alpha: float = 1.0):
-        return self.Color(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=alpha)
+        return Color(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=alpha)
 
     def _scene_update(self, boxes: list[RecordedBox], timestamp_us: int):
         deletion = self._stamp(SceneEntityDeletion(

@@ -5,7 +5,7 @@ Entities (frames: "world" is the nuScenes GLOBAL frame, z up; meters):
     world/ego/lidar, world/ego/radar  Points3D in the ego frame (the model's input: previous sweeps included,
                                     ego motion compensated to the sweep); LiDAR coloured by height, radar red
     world/objects                   Boxes3D in the global frame: tracks labelled "class #ID", else detections
-                                    labelled "class score"; class colours through an AnnotationContext
+                                    labelled "class score"; class colours, class_ids = DETECTION_CLASSES index
     world/ego_trajectory            LineStrips3D, the ego positions so far (the last `trajectory_points`)
     world/cameras/CAM_*             Transform3D camera -> global and Pinhole (intrinsics, resolution), at the
                                     camera's own timestamp; .../image the JPEG the model saw; .../boxes the
@@ -16,6 +16,10 @@ Entities (frames: "world" is the nuScenes GLOBAL frame, z up; meters):
 Timelines: "sensor_time" (the sensor timestamps: the LiDAR sweep's for the frame, each camera's own for its image)
 and "frame" (the processed frame's index). Nothing is kept in memory beyond the trajectory: the stream is written
 to the file as it goes.
+
+rerun-sdk 0.23 with numpy 1.x: rerun's own datatype objects (rr.Quaternion, AnnotationContext's ClassDescription...)
+call numpy 2's asarray(copy=...) and are silently dropped with a RerunWarning; everything here is passed as plain
+numpy arrays, which work.
 """
 from __future__ import annotations
 
@@ -30,8 +34,7 @@ import rerun as rr
 from fusion.geometry import matrix_to_quaternion
 from fusion.replay.recorded_frame import (RecordedBox, camera_to_global, camera_views, encode_image, frame_boxes,
                                           global_to_ego, projected_edges, xyzw)
-from fusion.types import DETECTION_CLASSES
-from fusion.visualization import CLASS_COLORS, _height_colors, render_contributions
+from fusion.visualization import _height_colors, render_contributions
 
 TIMELINE = "sensor_time"
 RADAR_COLOR = (255, 60, 60)
@@ -60,9 +63,6 @@ class RerunSink:
         self.frames = 0
         self.closed = False
         self.stream.log("world", rr.ViewCoordinates.RIGHT_HAND_Z_UP, static=True)
-        self.stream.log("world", rr.AnnotationContext(
-            [(i, name, CLASS_COLORS[i % len(CLASS_COLORS)]) for i, name in enumerate(DETECTION_CLASSES)]),
-            static=True)
 
     def _at(self, timestamp_us: int, frame_index: int) -> None:
         self.stream.set_time(TIMELINE, timestamp=np.datetime64(int(timestamp_us), "us"))
@@ -112,6 +112,7 @@ class RerunSink:
             centers=np.stack([b.translation for b in boxes]).astype(np.float32),
             half_sizes=(length_width_height / 2.0).astype(np.float32),
             quaternions=np.stack([xyzw(b.rotation_wxyz) for b in boxes]).astype(np.float32),
+            colors=np.array([b.color for b in boxes], dtype=np.uint8),
             class_ids=np.array([max(b.class_id, 0) for b in boxes], dtype=np.uint16),
             labels=[b.label for b in boxes])
 
