@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,11 +22,14 @@ from mcap_protobuf.decoder import DecoderFactory
 from nuscenes.nuscenes import NuScenes
 
 from fusion.checkpoints import load_run
+from fusion.geometry import make_transform, matrix_to_quaternion, rotation_z
 from fusion.replay import SyncPolicy, engine_for_scene
 from fusion.replay.mcap_sink import McapSink
-from fusion.replay.recorded_frame import RecordedBox, frame_boxes
+from fusion.replay.recorded_frame import (BOX_EDGES, CameraView, RecordedBox, box_corners, frame_boxes,
+                                          projected_edges)
 from fusion.replay.rerun_sink import RerunSink
 from fusion.types import CAMERA_NAMES, DETECTION_CLASSES, Boxes
+from fusion.visualization import project_to_image
 
 #: rerun drops what it cannot log with a RerunWarning (e.g. its datatype objects under numpy 1.x): fail on it.
 pytestmark = pytest.mark.filterwarnings("error::rerun.error_utils.RerunWarning")
@@ -184,6 +189,10 @@ def test_cli_writes_rerun_and_mcap_that_match_the_detections(tiny, tiny_dataroot
     _, resolutions = rerun_column(rrd, "/world/cameras/CAM_FRONT", "Resolution")
     assert resolutions[0][0] == [256.0, 96.0]  # the model's input size (tiny_cpu image_size [96, 256])
 
+    viewer_check = subprocess.run([str(Path(sys.executable).parent / "rerun"), "rrd", "verify", str(rrd)],
+                                  capture_output=True, text=True, timeout=120)
+    assert viewer_check.returncode == 0, viewer_check.stderr  # the viewer's own loader reads every chunk
+
     # MCAP: the Foxglove schemas, counts per topic, log times, the same boxes
     schemas = mcap_schemas(mcap_path)
     assert schemas["/LIDAR_TOP"] == "foxglove.PointCloud" and schemas["/RADAR"] == "foxglove.PointCloud"
@@ -233,17 +242,19 @@ def test_cli_writes_rerun_and_mcap_that_match_the_detections(tiny, tiny_dataroot
     assert len(by_topic["/ego_trajectory"][1][1].poses) == 2
 
 
-def test_cli_rejects_an_unwritable_recording_path(tiny_dataroot, tmp_path, capsys):
+def test_cli_rejects_an_unwritable_recording_path(tiny, tiny_dataroot, tmp_path, capsys):
+    model, _ = tiny
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 0}, checkpoint)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    checkpoint = tmp_path / "c.ckpt"
-    checkpoint.write_bytes(b"")
     code = replay_tool.main(["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version,
                              "--scene", tiny_dataroot.scene_names[0], "--checkpoint", str(checkpoint),
-                             "--config", str(CONFIG), "--out", str(tmp_path / "o"),
-                             "--mcap", str(blocker / "drive.mcap")])
+                             "--config", str(CONFIG), "--out", str(tmp_path / "o"), "--device", "cpu",
+                             "--rerun", str(tmp_path / "fine.rrd"), "--mcap", str(blocker / "drive.mcap")])
     err = capsys.readouterr().err
-    assert code == 2 and ("--mcap" in err or "checkpoint" in err) and "Traceback" not in err
+    assert code == 2 and err.startswith("error: --mcap") and str(blocker / "drive.mcap") in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,3 +319,30 @@ def test_box_corners_and_projection_follow_the_box_pose():
     assert np.isclose(np.linalg.norm(corners[0] - corners[1]), 2.0)  # the width, across the heading
     assert np.isclose(corners[4, 2] - corners[0, 2], 1.5) and np.allclose(corners.mean(axis=0), box.translation)
     assert box.label == "car 0.50" and box.color == (255, 158, 0)
+    assert np.allclose(box_corners([box, box])[1], corners)
+
+
+def test_projected_edges_agree_with_the_camera_pictures_projection():
+    """Vectorised projection == fusion.visualization.project_to_image box by box; boxes behind the camera or
+    outside the image are left out."""
+    cam_to_ego = np.array([[0.0, 0.0, 1.0, 1.5], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 1.6], [0, 0, 0, 1]])
+    view = CameraView("CAM_FRONT", 0, np.zeros((96, 256, 3), np.uint8),
+                      np.array([[120.0, 0, 128], [0, 120.0, 48], [0, 0, 1]]), cam_to_ego)
+    ego_to_global = make_transform(rotation_z(0.3), [400.0, 1100.0, 0.0])
+    to_ego = np.linalg.inv(ego_to_global)
+
+    def at(x_ego, y_ego):
+        center = ego_to_global @ np.array([x_ego, y_ego, 1.0, 1.0])
+        return RecordedBox(center[:3], np.array([1.9, 4.5, 1.6]), matrix_to_quaternion(rotation_z(0.8)),
+                           np.zeros(2), "car", 0.9)
+
+    boxes = [at(15.0, 2.0), at(-15.0, 0.0), at(12.0, 80.0), at(30.0, -4.0)]  # ahead, behind, far left, ahead
+    corners = box_corners(boxes)
+    edges = projected_edges(corners, view, to_ego)
+    assert sorted(edges) == [0, 3]
+    for index, segments in edges.items():
+        corners_ego = corners[index] @ to_ego[:3, :3].T + to_ego[:3, 3]
+        uv, in_front = project_to_image(corners_ego, cam_to_ego, view.intrinsics)
+        assert in_front.all() and segments.shape == (12, 2, 2)
+        assert np.allclose(segments[:, 0], uv[[a for a, _ in BOX_EDGES]])
+        assert np.allclose(segments[:, 1], uv[[b for _, b in BOX_EDGES]])

@@ -54,7 +54,7 @@ from mcap.writer import CompressionType, Writer
 from mcap_protobuf.schema import register_schema
 
 from fusion.geometry import matrix_to_quaternion
-from fusion.replay.recorded_frame import (RecordedBox, camera_views, encode_image, frame_boxes, global_to_ego,
+from fusion.replay.recorded_frame import (RecordedBox, box_corners, camera_views, encode_image, frame_boxes, global_to_ego,
                                           projected_edges, xyzw)
 from fusion.visualization import render_contributions
 
@@ -214,7 +214,7 @@ class McapSink:
         self.frames += 1
 
     def _cameras(self, frame, boxes: list[RecordedBox]) -> None:
-        to_ego = global_to_ego(frame)
+        to_ego, corners = global_to_ego(frame), box_corners(boxes)
         line_list = PointsAnnotation.Type.LINE_LIST
         for view in camera_views(frame):
             t, name = view.timestamp_us, view.name
@@ -228,15 +228,11 @@ class McapSink:
                 K=k.reshape(-1).tolist(), R=np.eye(3).reshape(-1).tolist(), P=projection.reshape(-1).tolist()), t), t)
             self._write(f"/{name}/image", self._stamp(CompressedImage(
                 frame_id=name, data=encode_image(view.image), format="jpeg"), t), t)
-            annotations = []
-            for box in boxes:
-                edges = projected_edges(box, view, to_ego)
-                if edges is not None:
-                    annotations.append(self._stamp(PointsAnnotation(
-                        type=line_list, thickness=2.0, outline_color=self._color(box.color),
-                        points=[Point2(x=float(u), y=float(v)) for u, v in edges.reshape(-1, 2)]), t))
-            self._write(f"/{name}/boxes", self._stamp(ImageAnnotations(points=annotations),
-                                                      t), t)
+            annotations = [self._stamp(PointsAnnotation(
+                type=line_list, thickness=2.0, outline_color=self._color(boxes[index].color),
+                points=[Point2(x=float(u), y=float(v)) for u, v in edges.reshape(-1, 2)]), t)
+                for index, edges in projected_edges(corners, view, to_ego).items()]
+            self._write(f"/{name}/boxes", self._stamp(ImageAnnotations(points=annotations), t), t)
 
     def close(self) -> None:
         """Write the MCAP index and footer, close the file."""

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 from fusion.evaluation.submission import boxes_to_submission
-from fusion.geometry import invert_transform, quaternion_to_matrix
+from fusion.geometry import invert_transform
 from fusion.types import DETECTION_CLASSES
-from fusion.visualization import CLASS_COLORS, project_to_image
+from fusion.visualization import CLASS_COLORS
 
 #: Corner pairs of a box's 12 edges, in the corner order of `RecordedBox.corners` (and of Boxes.corners).
 BOX_EDGES: tuple[tuple[int, int], ...] = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4),
@@ -63,12 +63,25 @@ class RecordedBox:
         return f"{self.class_name} {self.score:.2f}"
 
     def corners(self) -> np.ndarray:
-        """[8, 3] corners in the GLOBAL frame, m: the four bottom corners (front-left, front-right, rear-right,
-        rear-left), then the same four on top."""
-        width, length, height = np.asarray(self.size_wlh, dtype=np.float64)
-        local = _CORNER_SIGNS * np.array([length, width, height]) / 2.0
-        rotation = quaternion_to_matrix(self.rotation_wxyz)
-        return local @ rotation.T + np.asarray(self.translation, dtype=np.float64)
+        """[8, 3] corners in the GLOBAL frame, m (order of `box_corners`)."""
+        return box_corners([self])[0]
+
+
+def box_corners(boxes: list[RecordedBox]) -> np.ndarray:
+    """[N, 8, 3] corners of `boxes` in the GLOBAL frame, m: per box the four bottom corners (front-left,
+    front-right, rear-right, rear-left), then the same four on top."""
+    if not boxes:
+        return np.zeros((0, 8, 3))
+    size = np.stack([b.size_wlh for b in boxes]).astype(np.float64)
+    local = _CORNER_SIGNS[None] * (size[:, [1, 0, 2]] / 2.0)[:, None, :]  # (length, width, height) / 2
+    q = np.stack([b.rotation_wxyz for b in boxes]).astype(np.float64)
+    w, x, y, z = (q / np.linalg.norm(q, axis=1, keepdims=True)).T
+    rotation = np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], axis=-1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], axis=-1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=-1)], axis=1)
+    translation = np.stack([b.translation for b in boxes]).astype(np.float64)
+    return np.einsum("nij,nkj->nki", rotation, local) + translation[:, None, :]
 
 
 def frame_boxes(frame) -> list[RecordedBox]:
@@ -129,18 +142,24 @@ def camera_to_global(frame, view: CameraView) -> np.ndarray:
     return np.asarray(frame.ego_to_global, dtype=np.float64) @ view.cam_to_ego
 
 
-def projected_edges(box: RecordedBox, view: CameraView, global_to_ego: np.ndarray) -> np.ndarray | None:
-    """The box's 12 edges projected into `view`: [12, 2, 2] pixel segments ((u, v) start, end), or None when the
-    box is not wholly in front of the camera or lies outside the image (as fusion.visualization draws them).
-    global_to_ego: [4, 4] inverse of the frame's ego pose."""
-    corners = box.corners() @ global_to_ego[:3, :3].T + global_to_ego[:3, 3]
-    uv, in_front = project_to_image(corners, view.cam_to_ego, view.intrinsics)
+def projected_edges(corners_global: np.ndarray, view: CameraView, global_to_ego: np.ndarray
+                    ) -> dict[int, np.ndarray]:
+    """The edges of boxes projected into `view`: box index -> [12, 2, 2] pixel segments ((u, v) start, end), for
+    the boxes wholly in front of the camera and overlapping the image (as fusion.visualization draws them).
+    corners_global: [N, 8, 3] (`box_corners`); global_to_ego: [4, 4] inverse of the frame's ego pose."""
+    if len(corners_global) == 0:
+        return {}
+    global_to_camera = invert_transform(view.cam_to_ego) @ global_to_ego
+    camera = corners_global @ global_to_camera[:3, :3].T + global_to_camera[:3, 3]  # [N, 8, 3]
+    depth = camera[..., 2]
+    in_front = (depth > 0.1).all(axis=1)
+    uvw = camera @ view.intrinsics.T
+    uv = uvw[..., :2] / np.where(depth > 0.1, depth, 1.0)[..., None]
     width, height = view.size
-    if in_front.sum() < 8:
-        return None
-    if uv[:, 0].max() < 0 or uv[:, 0].min() >= width or uv[:, 1].max() < 0 or uv[:, 1].min() >= height:
-        return None
-    return np.stack([uv[[a for a, _ in BOX_EDGES]], uv[[b for _, b in BOX_EDGES]]], axis=1)
+    overlaps = ((uv[..., 0].max(axis=1) >= 0) & (uv[..., 0].min(axis=1) < width)
+                & (uv[..., 1].max(axis=1) >= 0) & (uv[..., 1].min(axis=1) < height))
+    starts, ends = [a for a, _ in BOX_EDGES], [b for _, b in BOX_EDGES]
+    return {int(i): np.stack([uv[i, starts], uv[i, ends]], axis=1) for i in np.flatnonzero(in_front & overlaps)}
 
 
 def global_to_ego(frame) -> np.ndarray:

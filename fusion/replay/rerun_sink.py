@@ -32,7 +32,7 @@ import numpy as np
 import rerun as rr
 
 from fusion.geometry import matrix_to_quaternion
-from fusion.replay.recorded_frame import (RecordedBox, camera_to_global, camera_views, encode_image, frame_boxes,
+from fusion.replay.recorded_frame import (RecordedBox, box_corners, camera_to_global, camera_views, encode_image, frame_boxes,
                                           global_to_ego, projected_edges, xyzw)
 from fusion.visualization import _height_colors, render_contributions
 
@@ -118,7 +118,7 @@ class RerunSink:
 
     def _cameras(self, frame, boxes: list[RecordedBox]) -> None:
         log = self.stream.log
-        to_ego = global_to_ego(frame)
+        to_ego, corners = global_to_ego(frame), box_corners(boxes)
         seen = set()
         for view in camera_views(frame):
             seen.add(view.name)
@@ -128,14 +128,12 @@ class RerunSink:
             log(path, rr.Pinhole(image_from_camera=view.intrinsics.astype(np.float32), resolution=view.size))
             log(f"{path}/image", rr.EncodedImage(contents=encode_image(view.image), media_type="image/jpeg"))
             segments, colors, labels = [], [], []
-            for box in boxes:
-                edges = projected_edges(box, view, to_ego)
-                if edges is not None:
-                    segments.extend(edges.astype(np.float32))
-                    colors.extend([box.color] * len(edges))
-                    labels.extend([box.label] + [""] * (len(edges) - 1))
-            log(f"{path}/boxes", rr.LineStrips2D(segments, colors=colors, labels=labels) if segments
-                else rr.Clear(recursive=False))
+            for index, edges in projected_edges(corners, view, to_ego).items():
+                segments.extend(edges.astype(np.float32))
+                colors.extend([boxes[index].color] * len(edges))
+                labels.extend([boxes[index].label] + [""] * (len(edges) - 1))
+            log(f"{path}/boxes", rr.LineStrips2D(np.stack(segments), colors=np.array(colors, dtype=np.uint8),
+                                                 labels=labels) if segments else rr.Clear(recursive=False))
         self.camera_names |= seen
         missing = sorted(self.camera_names - seen)
         if missing:
