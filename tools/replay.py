@@ -52,10 +52,18 @@ Writes under --out:
     frames/*.png       the BEV picture of every --png-every-th frame (0: none)
     replay.mp4         the drive (replay.gif with --video gif, or when ffmpeg fails)
     scenario_junit.xml with --scenario: one testcase per criterion
+and, when asked, recordings for viewers (their writing time is not part of the latency figures; the summary gives it
+as recording_s):
+    --rerun FILE.rrd   a rerun recording: LiDAR and radar points, the six cameras with their pinhole calibration and
+                       projected boxes, 3D boxes (tracks with IDs, else detections) in class colours, the ego
+                       trajectory, the fuser's contribution map, latency plots; open it with `rerun FILE.rrd`
+    --mcap FILE.mcap   the same as Foxglove-schema messages (PointCloud, CompressedImage, CameraCalibration,
+                       SceneUpdate, FrameTransforms, Log and a JSON /metrics channel); open it in Foxglove
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -98,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video", choices=("mp4", "gif", "none"), default="mp4", help="video of the drive")
     parser.add_argument("--png-every", type=int, default=1, metavar="K",
                         help="save the BEV picture of every K-th processed frame (0: none; default 1)")
+    parser.add_argument("--rerun", type=Path, metavar="FILE.rrd", help="also write a rerun recording of the replay")
+    parser.add_argument("--mcap", type=Path, metavar="FILE.mcap", help="also write a Foxglove MCAP recording")
     parser.add_argument("--no-contributions", action="store_true",
                         help="do not draw the fuser's contribution map beside the BEV picture")
     parser.add_argument("--camera-tolerance-ms", type=float, default=60.0, help="max |t_camera - T| (default 60)")
@@ -136,6 +146,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.runtime == "onnx" and not args.onnx:
         parser.error("--runtime onnx needs --onnx FILE")
     return args
+
+
+def open_recorders(rerun_path: Path | None, mcap_path: Path | None) -> list:
+    """The recording sinks asked for; ValueError naming the option when one cannot be opened."""
+    recorders = []
+    for option, path, module, cls in (("--rerun", rerun_path, "fusion.replay.rerun_sink", "RerunSink"),
+                                      ("--mcap", mcap_path, "fusion.replay.mcap_sink", "McapSink")):
+        if path is None:
+            continue
+        try:
+            recorders.append(getattr(importlib.import_module(module), cls)(path))
+        except (ImportError, OSError) as error:
+            for recorder in recorders:
+                recorder.close()
+            if isinstance(error, ImportError):
+                raise ValueError(f"{option} needs the packages of requirements.txt ({error})") from None
+            raise ValueError(f"{option} {path}: cannot write it ({error.strerror or error})") from None
+    return recorders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = engine_for_scene(nusc, scene, detector, data, policy, rate=args.rate,
                                   max_lag_s=args.max_lag_ms / 1e3, contributions=not args.no_contributions,
                                   **engine_options)
+        recorders = open_recorders(args.rerun, args.mcap)
     except (FileNotFoundError, ValueError) as error:  # ScenarioError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -200,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         engine, args.out, model.grid, max_frames=args.max_frames, video=args.video, png_every=args.png_every,
         contributions=not args.no_contributions,
         extra_summary={"checkpoint": str(checkpoint), "config": args.config, "dataroot": str(dataroot),
-                       "version": args.version, "device": device, "runtime": args.runtime, "onnx": args.onnx})
+                       "version": args.version, "device": device, "runtime": args.runtime, "onnx": args.onnx},
+        recorders=recorders)
     frames, latency = summary["frames"], summary["latency_ms"]
     print(f"frames: {frames['processed']} processed, {frames['dropped']} dropped, {frames['late']} late "
           f"({frames['failed']} failed) in {summary['wall_time_s']:.1f} s for {summary['stream_seconds']:.1f} s "
@@ -220,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pictures:   {outputs.frames_dir}/")
     if outputs.video is not None:
         print(f"video:      {outputs.video} ({summary['video']['frames']} frames)")
+    for name, path in (outputs.recordings or {}).items():
+        print(f"{name + ':':<11} {path} (written in {summary['recording_s'][name]:.1f} s, not counted in latency)")
     if scenario is not None:
         return judge(scenario, scene, nusc, summary, outputs, args)
     return 0

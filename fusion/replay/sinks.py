@@ -2,15 +2,17 @@
 k-th frame), a video of the drive (MP4, or GIF written frame by frame in constant memory) and the summary JSON.
 
 `run_replay` drives an engine and feeds every processed frame to the sinks; the summary is written at the end, also
-when the replay fails.
+when the replay fails. Recordings for viewers (fusion.replay.rerun_sink, fusion.replay.mcap_sink) are `Recorder`s
+passed to run_replay; the time they take is outside the frames' latency and reported as summary["recording_s"].
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 from PIL import GifImagePlugin, Image
@@ -164,6 +166,19 @@ class VideoSink:
         self._close_writer()
 
 
+class Recorder(Protocol):
+    """A recording written frame by frame (e.g. fusion.replay.rerun_sink.RerunSink, fusion.replay.mcap_sink.McapSink):
+    `name` keys its summary entries, `path` is its file; append(frame) takes each processed FrameResult, close()
+    finishes the file."""
+
+    name: str
+    path: Path
+
+    def append(self, frame: FrameResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ReplayOutputs:
     """Where a replay wrote its outputs (None where disabled)."""
@@ -173,16 +188,19 @@ class ReplayOutputs:
     summary: Path
     frames_dir: Path | None = None
     video: Path | None = None
+    recordings: dict[str, Path] | None = None
 
 
 def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, *, max_frames: int | None = None,
                video: str = "mp4", png_every: int = 1, video_fps: float | None = None, contributions: bool = True,
                extra_summary: Mapping | None = None, on_frame: Callable[[FrameResult], None] | None = None,
-               log: Callable[[str], None] = print) -> tuple[dict, ReplayOutputs]:
+               log: Callable[[str], None] = print, recorders: Sequence[Recorder] = ()) -> tuple[dict, ReplayOutputs]:
     """Run `engine` and write its sinks into `out_dir`: detections.jsonl (one line per processed frame, flushed as
     it goes), summary.json (written at the end, also when the replay fails), frames/frame_NNNNNN.png every
     `png_every` processed frames (0: none), and replay.mp4 / replay.gif (video "mp4" | "gif" | "none") of every
-    processed frame. on_frame(frame) is called for each processed frame after its sinks. Returns (summary,
+    processed frame. Each of `recorders` gets every processed frame after the model has run on it (outside its
+    latency); their wall time, closing included, goes to summary["recording_s"][name] and their files to
+    summary["recordings"]. on_frame(frame) is called for each processed frame after its sinks. Returns (summary,
     outputs)."""
     if video not in ("mp4", "gif", "none"):
         raise ValueError(f"video must be 'mp4', 'gif' or 'none', got {video!r}")
@@ -199,6 +217,7 @@ def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, 
     fps = video_fps or max(1.0, 1e6 / (NOMINAL_SWEEP_INTERVAL_US * engine.policy.every_k_sweeps))
     sink = VideoSink(out / "replay", video, fps, log) if video != "none" else None
     completed, error_text = False, ""
+    recording_s = {recorder.name: 0.0 for recorder in recorders}
     try:
         with open(outputs.detections, "w") as detections:
             for frame in engine.frames(max_frames):
@@ -212,6 +231,10 @@ def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, 
                         picture.save(outputs.frames_dir / f"frame_{frame.index:06d}.png")
                     if sink is not None:
                         sink.append(picture)
+                for recorder in recorders:
+                    started = time.perf_counter()
+                    recorder.append(frame)
+                    recording_s[recorder.name] += time.perf_counter() - started
                 if on_frame is not None:
                     on_frame(frame)
         completed = True
@@ -222,6 +245,16 @@ def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, 
         if sink is not None:
             sink.close()
             outputs.video = sink.path
+        close_errors = {}
+        for recorder in recorders:
+            started = time.perf_counter()
+            try:
+                recorder.close()
+            except Exception as error:  # reported in the summary, raised below unless the replay failed already
+                close_errors[recorder.name] = f"{type(error).__name__}: {error}"
+            recording_s[recorder.name] += time.perf_counter() - started
+        if recorders:
+            outputs.recordings = {recorder.name: Path(recorder.path) for recorder in recorders}
         summary = engine.summary()
         summary.update(dict(extra_summary or {}))
         summary["completed"] = completed
@@ -234,7 +267,14 @@ def run_replay(engine: ReplayEngine, out_dir: str | os.PathLike, grid: BEVGrid, 
         summary["outputs"] = {"detections": str(outputs.detections), "summary": str(outputs.summary),
                               "frames_dir": str(outputs.frames_dir) if outputs.frames_dir else None,
                               "video": str(outputs.video) if outputs.video else None}
+        if recorders:
+            summary["recordings"] = {name: str(path) for name, path in outputs.recordings.items()}
+            summary["recording_s"] = {name: round(seconds, 3) for name, seconds in recording_s.items()}
+            if close_errors:
+                summary["recording_errors"] = close_errors
         temporary = outputs.summary.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(temporary, outputs.summary)
+    if close_errors:
+        raise RuntimeError(f"finishing the recordings failed: {close_errors}")
     return summary, outputs
