@@ -88,12 +88,12 @@ def vector_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def box_problems(where: str, token: str, box: Any) -> list[str]:
-    """Problems of one submission box at `where` (e.g. "results['abc'][3]"), types first."""
-    if not isinstance(box, dict):
-        return [f"{where}: must be an object, got {show(box)}"]
-    problems = [f"{where}: missing field {name!r}" for name in BOX_FIELDS if name not in box]
-    for field in ("sample_token", "detection_name", "attribute_name"):
+def common_box_problems(where: str, token: str, box: dict, fields: Sequence[str],
+                        string_fields: Sequence[str]) -> list[str]:
+    """The problems every submission format shares (detection and tracking): missing `fields`, `string_fields` that
+    are not strings, a sample_token that differs from its results key, and the vector fields, types first."""
+    problems = [f"{where}: missing field {name!r}" for name in fields if name not in box]
+    for field in string_fields:
         if field in box and not isinstance(box[field], str):
             problems.append(f"{where}.{field}: must be a string, got {show(box[field])}")
     if isinstance(box.get("sample_token"), str) and box["sample_token"] != token:
@@ -104,6 +104,15 @@ def box_problems(where: str, token: str, box: Any) -> list[str]:
             problem = vector_problem(name, box[name])
             if problem:
                 problems.append(f"{where}.{name}: {problem}")
+    return problems
+
+
+def box_problems(where: str, token: str, box: Any) -> list[str]:
+    """Problems of one submission box at `where` (e.g. "results['abc'][3]"), types first."""
+    if not isinstance(box, dict):
+        return [f"{where}: must be an object, got {show(box)}"]
+    problems = common_box_problems(where, token, box, BOX_FIELDS,
+                                   ("sample_token", "detection_name", "attribute_name"))
     name = box.get("detection_name")
     known_class = isinstance(name, str) and name in CLASS_ATTRIBUTES
     if isinstance(name, str) and not known_class:

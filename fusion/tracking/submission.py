@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from fusion.evaluation.submission import submission_meta
-from fusion.evaluation.submission_schema import (MAX_BOXES_PER_SAMPLE, VECTOR_FIELDS, SubmissionError,
-                                                 bounded_number, show, validate_submission, vector_problem)
+from fusion.evaluation.submission_schema import (MAX_BOXES_PER_SAMPLE, SubmissionError, bounded_number,
+                                                 common_box_problems, show, validate_submission)
 from fusion.tracking.tracker import TRACKING_CLASSES, Tracker, TrackerConfig
 from fusion.types import MODALITIES
 
@@ -82,18 +82,8 @@ def tracking_box_problems(where: str, token: str, box: Any) -> list[str]:
     """The problems of one tracking submission box (each naming `where` and the field), types first."""
     if not isinstance(box, dict):
         return [f"{where}: must be an object, got {show(box)}"]
-    problems = [f"{where}: missing field {name!r}" for name in TRACKING_BOX_FIELDS if name not in box]
-    for field in ("sample_token", "tracking_id", "tracking_name"):
-        if field in box and not isinstance(box[field], str):
-            problems.append(f"{where}.{field}: must be a string, got {show(box[field])}")
-    if isinstance(box.get("sample_token"), str) and box["sample_token"] != token:
-        problems.append(f"{where}.sample_token: {show(box['sample_token'])} differs from its results key "
-                        f"{show(token)}")
-    for name in VECTOR_FIELDS:
-        if name in box:
-            problem = vector_problem(name, box[name])
-            if problem:
-                problems.append(f"{where}.{name}: {problem}")
+    problems = common_box_problems(where, token, box, TRACKING_BOX_FIELDS,
+                                   ("sample_token", "tracking_id", "tracking_name"))
     if isinstance(box.get("tracking_id"), str) and not box["tracking_id"]:
         problems.append(f"{where}.tracking_id: must be a non-empty string")
     if isinstance(box.get("tracking_name"), str) and box["tracking_name"] not in TRACKING_CLASSES:
