@@ -39,7 +39,7 @@ def single_torch_thread():
 def tiny_checkpoint(tmp_path_factory):
     """(config path, checkpoint path): configs/tiny_cpu.yaml made cheaper (3.2 m cells, 48x128 images, one sweep)
     and a checkpoint of a freshly initialised (seeded, untrained) model of it, with the model's config saved as
-    hyper-parameters the way Lightning's CLI saves them (as tests/test_evaluate_tool.py makes its own)."""
+    hyper-parameters the way Lightning's CLI saves them."""
     from pathlib import Path
 
     import torch
@@ -61,3 +61,20 @@ def tiny_checkpoint(tmp_path_factory):
     atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters},
                       checkpoint)
     return config_path, checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dataroot):
+    """A freshly initialised (seeded) configs/tiny_cpu.yaml model in eval mode and its data module (the config's data
+    settings on the tiny drive), one per test module."""
+    from pathlib import Path
+
+    import torch
+
+    from fusion.checkpoints import load_run
+
+    torch.manual_seed(0)
+    # cache_dir=None: the config's cache folder is relative to the working directory; keep tests out of it
+    run = load_run(config=Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml",
+                   dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version, cache_dir=None)
+    return run.model.eval(), run.data

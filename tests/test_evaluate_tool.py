@@ -4,7 +4,6 @@ sample and field named); --robustness (slow)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -12,49 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from fusion.checkpoints import atomic_torch_save, load_run
+from tool_runner import call_tool, load_tool
+from fusion.checkpoints import load_run
 from fusion.evaluation import (ground_truth_submission, keyframe_ego_poses, load_nuscenes, split_sample_tokens,
                                validate_submission, write_submission)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("fusion_evaluate_tool", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_tool(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = load_tool().main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def model_files(tiny_dataroot, tmp_path_factory):
-    """configs/tiny_cpu.yaml made cheaper (3.2 m cells, 48x128 images, one sweep) and a checkpoint of a freshly
-    initialised model of it (seeded), with the model's config saved as hyper-parameters the way Lightning's CLI
-    saves them."""
-    folder = tmp_path_factory.mktemp("evaluate_tool")
-    config = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
-    config["model"]["grid"]["cell_size"] = 3.2
-    config["data"].update(image_size=[48, 128], lidar_sweeps=1, radar_sweeps=1, batch_size=2, num_workers=0,
-                          cache_dir=None)
-    config_path = folder / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    torch.manual_seed(0)
-    model = load_run(config=config_path).model
-    checkpoint = folder / "fresh.ckpt"
-    hyper_parameters = {**config["model"], "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters},
-                      checkpoint)
-    return config_path, checkpoint
+    return call_tool("evaluate", argv)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +35,8 @@ def common_args(info, out: Path) -> list[str]:
     return ["--dataroot", str(info.dataroot), "--version", info.version, "--split", info.val_split, "--out", str(out)]
 
 
-def test_checkpoint_inference_submission_and_devkit_metrics(tiny_dataroot, model_files, nusc, tmp_path):
-    config, checkpoint = model_files
+def test_checkpoint_inference_submission_and_devkit_metrics(tiny_dataroot, tiny_checkpoint, nusc, tmp_path):
+    config, checkpoint = tiny_checkpoint
     # A config whose model section differs (1.6 m cells): the model must come from the checkpoint (3.2 m cells).
     document = yaml.safe_load(config.read_text())
     document["model"]["grid"]["cell_size"] = 1.6
@@ -144,10 +112,10 @@ def test_broken_results_file_is_rejected_with_exit_2(tiny_dataroot, nusc, tmp_pa
     assert not (tmp_path / "eval" / "metrics_summary.json").exists()
 
 
-def test_bad_arguments_are_named(tiny_dataroot, model_files, tmp_path):
-    config, checkpoint = model_files
+def test_bad_arguments_are_named(tiny_dataroot, tiny_checkpoint, tmp_path):
+    config, checkpoint = tiny_checkpoint
     with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as err:
-        load_tool().main(common_args(tiny_dataroot, tmp_path) + ["--results", "x.json", "--robustness"])
+        load_tool("evaluate").main(common_args(tiny_dataroot, tmp_path) + ["--results", "x.json", "--robustness"])
     assert exit_info.value.code == 2 and "--robustness needs --checkpoint" in err.getvalue()
     code, _, stderr = run_tool(common_args(tiny_dataroot, tmp_path) + ["--results", str(tmp_path / "none.json")])
     assert code == 2 and "none.json" in stderr
@@ -156,9 +124,9 @@ def test_bad_arguments_are_named(tiny_dataroot, model_files, tmp_path):
     assert code == 2 and "no_such_split" in stderr
 
 
-def test_lidar_thinning_loader_drops_rings(tiny_dataroot, model_files):
-    config, checkpoint = model_files
-    tool = load_tool()
+def test_lidar_thinning_loader_drops_rings(tiny_dataroot, tiny_checkpoint):
+    config, checkpoint = tiny_checkpoint
+    tool = load_tool("evaluate")
     datamodule = load_run(checkpoint, config, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version,
                           split=tiny_dataroot.val_split, val_batch_size=2, num_workers=0).data
     full = next(iter(tool.condition_loader(datamodule, tiny_dataroot.val_split)))
@@ -170,8 +138,8 @@ def test_lidar_thinning_loader_drops_rings(tiny_dataroot, model_files):
     assert 0.1 < ratio < 0.4, ratio  # one ring in four kept (returns per ring vary with elevation)
 
 
-def test_robustness_table(tiny_dataroot, model_files, nusc, tmp_path):
-    config, checkpoint = model_files
+def test_robustness_table(tiny_dataroot, tiny_checkpoint, nusc, tmp_path):
+    config, checkpoint = tiny_checkpoint
     out = tmp_path / "eval"
     code, stdout, stderr = run_tool(common_args(tiny_dataroot, out) + [
         "--config", str(config), "--checkpoint", str(checkpoint), "--no-curves", "--robustness", "--thin-rings", "4"])

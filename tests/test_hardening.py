@@ -5,7 +5,6 @@ decide where files go, and the temporary files of a killed checkpoint save. (doc
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tool_runner import load_tool
 from fusion.checkpoint_allowlist import ClassAllowList, ClassNotAllowedError
 from fusion.checkpoints import atomic_torch_save, load_run
 from fusion.cuda_ops import hard_voxelize
@@ -216,9 +216,7 @@ def test_checkpoint_class_paths_outside_the_allow_list_are_never_imported(tiny_c
 
 
 def test_lightning_resume_checks_the_allow_list_before_parsing(tiny_config, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
-    train_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tool)
+    train_tool = load_tool("train")
     config, _ = tiny_config
     hyper_parameters = {**json.loads(json.dumps(config["model"])),
                         "_instantiator": "lightning.pytorch.cli.instantiate_module"}
@@ -269,9 +267,7 @@ def test_a_killed_checkpoint_save_leaves_no_temporary_file_behind(tmp_path):
 def test_evaluate_rejects_type_confused_results_with_exit_2_and_no_traceback(tiny_dataroot, tmp_path):
     from fusion.evaluation import load_nuscenes, split_sample_tokens
 
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    evaluate_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_tool)
+    evaluate_tool = load_tool("evaluate")
     tokens = split_sample_tokens(load_nuscenes(tiny_dataroot.dataroot, tiny_dataroot.version),
                                  tiny_dataroot.val_split)
     box = {"sample_token": tokens[0], "translation": [10**400, 0, 0], "size": [1, 1, 1], "rotation": [1, 0, 0, 0],

@@ -4,9 +4,6 @@ replay runs on onnxruntime. The model is configs/tiny_cpu.yaml made cheaper (3.2
 sweep), freshly initialised (seeded) with its heatmap logits spread out so that scores are not all ~0.1."""
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 from pathlib import Path
 
@@ -16,29 +13,13 @@ import yaml
 
 pytest.importorskip("onnxruntime")
 
+from tool_runner import call_tool, load_tool  # noqa: E402
 from fusion.checkpoints import atomic_torch_save, load_run  # noqa: E402
 from fusion.datasets.collate import collate_samples  # noqa: E402
 from fusion.deploy.parity import check_parity, compare_boxes  # noqa: E402
 from fusion.deploy.runtime import OnnxDetector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _call(tool, argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = tool.main(argv)
-        except SystemExit as exit_info:
-            code = exit_info.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _cheap_config(folder: Path, **model_changes) -> tuple[Path, dict]:
@@ -67,7 +48,7 @@ def exported(tiny_dataroot, tmp_path_factory):
     atomic_torch_save({"state_dict": model.state_dict(), "global_step": 0, "hyper_parameters": hyper_parameters,
                        "datamodule_hyper_parameters": config["data"]}, checkpoint)
     onnx_path = folder / "model.onnx"
-    code, out, err = _call(_tool("export"), ["--checkpoint", str(checkpoint), "--out", str(onnx_path)])
+    code, out, err = call_tool("export", ["--checkpoint", str(checkpoint), "--out", str(onnx_path)])
     assert code == 0, err
     assert "largest |onnxruntime - PyTorch|" in out
     run = load_run(checkpoint, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version,
@@ -119,7 +100,7 @@ def test_empty_clouds_and_no_cameras(exported, tiny_dataroot):
     "tool, or a data-dependent difference between the graph and PyTorch) is not found yet"))
 def test_parity_tool_reports_every_subset(exported, tiny_dataroot):
     _, checkpoint, onnx_path, _ = exported
-    code, out, err = _call(_tool("onnx_parity"), [
+    code, out, err = call_tool("onnx_parity", [
         "--onnx", str(onnx_path), "--checkpoint", str(checkpoint), "--dataroot", str(tiny_dataroot.dataroot),
         "--version", tiny_dataroot.version, "--split", tiny_dataroot.val_split, "--max-samples", "1"])
     assert code == 0, out + err
@@ -134,21 +115,21 @@ def test_parity_tool_reports_every_subset(exported, tiny_dataroot):
 ])
 def test_export_refuses_what_it_cannot_export_faithfully(tmp_path, change, message):
     config_path, _ = _cheap_config(tmp_path, **change)
-    code, out, err = _call(_tool("export"), ["--config", str(config_path), "--out", str(tmp_path / "x.onnx")])
+    code, out, err = call_tool("export", ["--config", str(config_path), "--out", str(tmp_path / "x.onnx")])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
 
 
 def test_replay_runs_on_onnxruntime_like_pytorch(exported, tiny_dataroot, tmp_path):
     _, checkpoint, onnx_path, _ = exported
-    replay = _tool("replay")
+    replay = load_tool("replay")
     common = ["--dataroot", str(tiny_dataroot.dataroot), "--version", tiny_dataroot.version, "--split",
               tiny_dataroot.val_split, "--checkpoint", str(checkpoint), "--max-frames", "2", "--video", "none",
               "--png-every", "0", "--keyframes-only", "--device", "cpu"]
     records = {}
     for runtime in ("torch", "onnx"):
         extra = ["--runtime", "onnx", "--onnx", str(onnx_path)] if runtime == "onnx" else []
-        code, out, err = _call(replay, common + ["--out", str(tmp_path / runtime)] + extra)
+        code, out, err = call_tool(replay, common + ["--out", str(tmp_path / runtime)] + extra)
         assert code == 0, out + err
         lines = (tmp_path / runtime / "detections.jsonl").read_text().splitlines()
         records[runtime] = [json.loads(line) for line in lines]
@@ -163,6 +144,6 @@ def test_replay_runs_on_onnxruntime_like_pytorch(exported, tiny_dataroot, tmp_pa
 
 
 def test_replay_onnx_needs_the_file():
-    code, _, err = _call(_tool("replay"), ["--dataroot", "x", "--version", "v", "--split", "s", "--checkpoint", "c",
+    code, _, err = call_tool("replay", ["--dataroot", "x", "--version", "v", "--split", "s", "--checkpoint", "c",
                                            "--out", "o", "--runtime", "onnx"])
     assert code == 2 and "--runtime onnx needs --onnx" in err

@@ -5,7 +5,6 @@ has them, detections otherwise. A freshly initialised tiny_cpu model (no trainin
 of the `tiny_dataroot` fixture."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from mcap.reader import make_reader
 from mcap_protobuf.decoder import DecoderFactory
 from nuscenes.nuscenes import NuScenes
 
-from fusion.checkpoints import load_run
+from tool_runner import load_tool
 from fusion.geometry import make_transform, matrix_to_quaternion, rotation_z
 from fusion.replay import SyncPolicy, engine_for_scene
 from fusion.replay.mcap_sink import McapSink
@@ -38,27 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("replay_tool_for_recordings", ROOT / "tools" / "replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-replay_tool = _load_tool()
+replay_tool = load_tool("replay")
 
 
 @pytest.fixture(scope="module")
 def nusc(tiny_dataroot):
     return NuScenes(tiny_dataroot.version, str(tiny_dataroot.dataroot), verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dataroot):
-    """A freshly initialised tiny_cpu model and its data module."""
-    torch.manual_seed(0)
-    run = load_run(config=CONFIG, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version, cache_dir=None)
-    return run.model.eval(), run.data
 
 
 class StubDetector:

@@ -6,7 +6,6 @@ bookkeeping use a stub detector so that they can replay whole scenes cheaply."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -22,10 +21,10 @@ from nuscenes.can_bus.can_bus_api import NuScenesCanBus
 from nuscenes.nuscenes import NuScenes
 from PIL import Image
 
+from tool_runner import load_tool
 from fusion.datasets.can_bus import can_state_at
 from fusion.geometry import invert_transform, make_transform, matrix_to_quaternion
 from fusion.datasets.datamodule import FusionDataModule
-from fusion.checkpoints import load_run
 from fusion.replay import (COUNT_KEYS, GifStreamWriter, LatencyHistogram, PlaybackClock, SceneSource, SyncPolicy,
                            VideoSink, engine_for_scene, run_replay)
 from fusion.types import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, Boxes
@@ -34,14 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("replay_tool", ROOT / "tools" / "replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-replay_tool = _load_tool()
+replay_tool = load_tool("replay")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,15 +43,6 @@ replay_tool = _load_tool()
 @pytest.fixture(scope="module")
 def nusc(tiny_dataroot):
     return NuScenes(tiny_dataroot.version, str(tiny_dataroot.dataroot), verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dataroot):
-    """A freshly initialised tiny_cpu model and its data module (the config's data settings)."""
-    torch.manual_seed(0)
-    # cache_dir=None: the config's cache folder is relative to the working directory; keep tests out of it
-    run = load_run(config=CONFIG, dataroot=tiny_dataroot.dataroot, version=tiny_dataroot.version, cache_dir=None)
-    return run.model.eval(), run.data
 
 
 @pytest.fixture(scope="module")

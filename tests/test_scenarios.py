@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tool_runner import call_tool
 from fusion.evaluation import ground_truth_submission, keyframe_ego_poses, load_nuscenes, split_sample_tokens
 from fusion.scenarios import (ScenarioError, format_table, judge_scenario, load_scenario, parse_scenario,
                               write_junit)
@@ -181,16 +181,7 @@ def test_example_scenarios_parse():
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_replay_tool(argv: list[str]) -> tuple[int, str, str]:
-    spec = importlib.util.spec_from_file_location("replay_tool_scenarios", ROOT / "tools" / "replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = module.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
+    return call_tool("replay", argv)
 
 
 def replay_args(info, checkpoint, config, out: Path) -> list[str]:

@@ -5,7 +5,6 @@ broken submissions exit 2 naming sample and field; a checkpoint's detections tra
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tool_runner import call_tool, load_tool
 from fusion.evaluation import load_nuscenes, split_sample_tokens, write_submission
 from fusion.tracking import (TRACKING_CLASSES, Tracker, TrackerConfig, evaluate_tracking_in_memory,
                              ground_truth_tracking_submission, track_submission, validate_tracking_submission)
@@ -127,18 +127,8 @@ def test_track_dict_is_the_replay_contract():
 # Submissions and the devkit
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("fusion_evaluate_tool", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_tool(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = load_tool().main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return call_tool("evaluate", argv)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +235,8 @@ def test_checkpoint_detections_are_tracked_and_scored(tiny_dataroot, tiny_checkp
     assert all(i.isdigit() for i in all_ids)
     with pytest.raises(SystemExit):
         with contextlib.redirect_stderr(io.StringIO()):
-            load_tool().main(tracking_args(tiny_dataroot, out) + ["--checkpoint", str(checkpoint), "--robustness"])
+            load_tool("evaluate").main(tracking_args(tiny_dataroot, out)
+                                       + ["--checkpoint", str(checkpoint), "--robustness"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

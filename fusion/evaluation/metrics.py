@@ -13,7 +13,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,29 +71,39 @@ def keyframe_ego_poses(nusc: "NuScenes", sample_tokens: Iterable[str]) -> dict[s
     return poses
 
 
+def ground_truth_boxes(nusc: "NuScenes", sample_token: str, category_to_name: Callable[[str], str | None]
+                       ) -> Iterator[tuple[dict, dict]]:
+    """(annotation record, submission box geometry) of each box of a sample that the devkit evaluates: its category
+    maps to a class (`category_to_name`, the detection or the tracking one) and it has at least one LiDAR or radar
+    point. The geometry is GLOBAL frame: sample_token, translation (m), size (w, l, h m), rotation (w, x, y, z),
+    velocity (vx, vy m/s, the devkit's box_velocity, 0 where it has none), plus "name" (the class)."""
+    for annotation_token in nusc.get("sample", sample_token)["anns"]:
+        annotation = nusc.get("sample_annotation", annotation_token)
+        name = category_to_name(annotation["category_name"])
+        if name is None or annotation["num_lidar_pts"] + annotation["num_radar_pts"] == 0:
+            continue
+        velocity = np.nan_to_num(np.asarray(nusc.box_velocity(annotation_token), dtype=np.float64)[:2])
+        yield annotation, {"sample_token": sample_token, "translation": list(map(float, annotation["translation"])),
+                           "size": list(map(float, annotation["size"])),
+                           "rotation": list(map(float, annotation["rotation"])),
+                           "velocity": [float(v) for v in velocity], "name": name}
+
+
 def ground_truth_submission(nusc: "NuScenes", split: str) -> dict:
-    """The split's ground truth written as a submission (score 1): the boxes the devkit evaluates (detection
-    classes, at least one LiDAR or radar point), velocity from the devkit's box_velocity (0 where it has none),
-    the annotated attribute or `default_attribute`. A perfect detector; scoring it checks the pipeline."""
+    """The split's ground truth written as a submission (score 1): the boxes the devkit evaluates
+    (`ground_truth_boxes` with the detection classes), the annotated attribute or `default_attribute`. A perfect
+    detector; scoring it checks the pipeline."""
     from nuscenes.eval.detection.utils import category_to_detection_name
 
     attribute_names = {a["token"]: a["name"] for a in nusc.attribute}
     results = {}
     for token in split_sample_tokens(nusc, split):
         boxes = []
-        for annotation_token in nusc.get("sample", token)["anns"]:
-            annotation = nusc.get("sample_annotation", annotation_token)
-            name = category_to_detection_name(annotation["category_name"])
-            if name is None or annotation["num_lidar_pts"] + annotation["num_radar_pts"] == 0:
-                continue
-            velocity = np.nan_to_num(np.asarray(nusc.box_velocity(annotation_token), dtype=np.float64)[:2])
+        for annotation, box in ground_truth_boxes(nusc, token, category_to_detection_name):
+            name = box.pop("name")
             attribute = (attribute_names[annotation["attribute_tokens"][0]] if annotation["attribute_tokens"]
-                         else default_attribute(name, float(np.linalg.norm(velocity))))
-            boxes.append({"sample_token": token, "translation": list(map(float, annotation["translation"])),
-                          "size": list(map(float, annotation["size"])),
-                          "rotation": list(map(float, annotation["rotation"])),
-                          "velocity": [float(v) for v in velocity], "detection_name": name,
-                          "detection_score": 1.0, "attribute_name": attribute})
+                         else default_attribute(name, float(np.linalg.norm(box["velocity"]))))
+            boxes.append({**box, "detection_name": name, "detection_score": 1.0, "attribute_name": attribute})
         results[token] = boxes
     return {"meta": submission_meta(MODALITIES), "results": results}
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import numpy as np
-
+from fusion.evaluation.metrics import ground_truth_boxes
 from fusion.evaluation.submission import submission_meta
 from fusion.evaluation.submission_schema import (MAX_BOXES_PER_SAMPLE, SubmissionError, bounded_number,
                                                  common_box_problems, show, validate_submission)
@@ -56,24 +55,17 @@ def _submission_box(token: str, track: Mapping) -> dict:
 
 def ground_truth_tracking_submission(nusc: "NuScenes", sample_tokens: Sequence[str]) -> dict:
     """The ground truth of the samples as a tracking submission (score 1, tracking_id = the annotation's instance
-    token): the boxes the devkit evaluates (tracking classes, at least one LiDAR or radar point), velocity from the
-    devkit's box_velocity (0 where it has none). A perfect tracker; scoring it checks the pipeline."""
+    token): the boxes the devkit evaluates (`ground_truth_boxes` with the tracking classes). A perfect tracker;
+    scoring it checks the pipeline."""
     from nuscenes.eval.tracking.utils import category_to_tracking_name
 
     results = {}
     for token in sample_tokens:
         boxes = []
-        for annotation_token in nusc.get("sample", token)["anns"]:
-            annotation = nusc.get("sample_annotation", annotation_token)
-            name = category_to_tracking_name(annotation["category_name"])
-            if name is None or annotation["num_lidar_pts"] + annotation["num_radar_pts"] == 0:
-                continue
-            velocity = np.nan_to_num(np.asarray(nusc.box_velocity(annotation_token), dtype=np.float64)[:2])
-            boxes.append({"sample_token": token, "translation": list(map(float, annotation["translation"])),
-                          "size": list(map(float, annotation["size"])),
-                          "rotation": list(map(float, annotation["rotation"])),
-                          "velocity": [float(v) for v in velocity], "tracking_id": annotation["instance_token"],
-                          "tracking_name": name, "tracking_score": 1.0})
+        for annotation, box in ground_truth_boxes(nusc, token, category_to_tracking_name):
+            name = box.pop("name")
+            boxes.append({**box, "tracking_id": annotation["instance_token"], "tracking_name": name,
+                          "tracking_score": 1.0})
         results[token] = boxes
     return {"meta": submission_meta(MODALITIES), "results": results}
 
