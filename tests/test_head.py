@@ -229,6 +229,45 @@ def test_l1_masks_unknown_velocity_and_padding():
     assert masked_l1(pred, target, mask, weights).item() == pytest.approx(9.0)
 
 
+def test_huber_channels_are_quadratic_near_the_target_and_l1_beyond():
+    pred = torch.zeros(1, 1, 2)
+    target = torch.tensor([[[1.0, 10.0]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    delta = torch.tensor([4.0, 4.0])
+    # 0.5 * 1^2 / 4 = 0.125 inside delta; 10 - 2 = 8 beyond it; a delta of 0 keeps that channel L1
+    assert masked_l1(pred, target, mask, torch.ones(2), delta).item() == pytest.approx(8.125)
+    assert masked_l1(pred, target, mask, torch.ones(2), torch.tensor([0.0, 4.0])).item() == pytest.approx(9.0)
+
+
+def _optimal_constant(loss_fn, speeds: torch.Tensor) -> float:
+    """The one velocity value that minimises loss_fn over objects with these true speeds (gradient descent)."""
+    value = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.SGD([value], lr=0.05)
+    for _ in range(2000):
+        optimiser.zero_grad()
+        loss_fn(value.expand(len(speeds))[None, :, None], speeds[None, :, None]).backward()
+        optimiser.step()
+    return float(value)
+
+
+def test_huber_velocity_does_not_collapse_to_zero_in_a_mostly_static_world():
+    """Objects the features cannot tell apart, 65 % static and 35 % at 6 m/s: L1's best answer is the median, 0
+    (the collapse of issue 11), Huber's with delta 4 m/s is near the mean (2.1 m/s)."""
+    speeds = torch.tensor([0.0] * 13 + [6.0] * 7)
+    mask = torch.ones(1, len(speeds), dtype=torch.bool)
+    l1 = _optimal_constant(lambda p, t: masked_l1(p, t, mask, torch.ones(1)), speeds)
+    huber = _optimal_constant(lambda p, t: masked_l1(p, t, mask, torch.ones(1), torch.tensor([4.0])), speeds)
+    assert abs(l1) < 0.1
+    assert 1.5 < huber < 3.0
+
+
+def test_velocity_huber_delta_must_be_positive():
+    with pytest.raises(ValueError, match="velocity_huber_delta"):
+        CenterPointLoss(velocity_huber_delta=0.0)
+    loss = CenterPointLoss(velocity_huber_delta=4.0)
+    assert loss.huber_delta.tolist() == [0.0] * 8 + [4.0, 4.0]
+
+
 def test_loss_is_small_for_perfect_maps_and_has_gradients_for_each_part():
     boxes = [make_boxes(6, seed=8), make_boxes(3, seed=9)]
     targets = encode_targets(boxes, GRID)
