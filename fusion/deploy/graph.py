@@ -1,17 +1,23 @@
 """`ExportableDetector`: a FusionDetector as one tensor-in / tensor-out module of standard ONNX operators.
 
 The trained sub-modules (backbones, PFN layers, BEV encoders, the fuser, the head) are reused as they are; only the
-parts with data-dependent shapes are re-expressed densely, with the same arithmetic:
+parts with data-dependent shapes are re-expressed, with the same arithmetic:
 - voxelization: `fusion.cuda_ops.reference.point_cells` (the compiled op's pure-torch reference, floor((p - min) /
   size) in float32) gives every point its pillar; dropped points (outside the grid, non-finite) go to one extra
-  "trash" row that is cut off at the end, instead of being removed (no data-dependent shapes);
-- pillar pooling: ScatterElements over the whole pillar grid (sum for the means, max for the PFN maxima: the PFN
-  outputs are ReLUs >= 0, so a max into zeros is the max over the pillar's points and 0 for an empty pillar, exactly
-  what the PyTorch model writes for empty pillars) instead of `torch.unique` + compaction;
-- camera BEV pooling: every frustum point of every camera is summed into its cell by ScatterElements(add), points
-  outside the grid and all points of invalid cameras into the trash row, instead of `nonzero` + `bev_pool`;
-- LiDAR time slices: ScatterElements(add) of ones instead of `bincount`;
+  "trash" pillar that is cut off at the end, instead of being removed;
+- pillar pooling: the points are sorted by pillar once (`fusion.deploy.segments.group_rows`: ONNX TopK) and the
+  PFN runs on them in that order; the means are float64 cumulative sums read at each pillar's last point, the PFN
+  maxima a 4-ary max tree over each pillar's points, both over the occupied pillars only (as PyTorch's
+  `torch.unique` compaction), then ScatterND without reduction (unique indices) puts the pillars on the grid;
+- camera BEV pooling: the frustum points are sorted by cell, those outside the grid and all points of invalid
+  cameras (the trash cell) left out; depth x context is formed for the kept points in that order and summed per
+  cell by the float64 cumsum, then ScatterND onto the grid, instead of `nonzero` + `bev_pool`;
+- LiDAR time slices: ScatterElements(add) of ones (one column: exact and cheap) instead of `bincount`;
 - the camera intrinsics are inverted in closed form (ONNX has no matrix inverse).
+No scatter with a reduction over wide rows: ScatterElements reduces serially, exact but slow (~53 ms per tiny_cpu
+frame in the micro-benchmark), and onnxruntime's ScatterND with a reduction loses updates to rows shared by its
+threads (issues #18048, #23396); the sorted formulation is exact with any thread count (fusion/deploy/segments.py;
+figures in docs/benchmarks.md, Deployment).
 Every branch runs on every call; a modality that is absent (False in `present`) is masked out of the fuser's softmax
 exactly as in PyTorch (its attention weights are 0), so one graph serves every subset of sensors.
 
@@ -25,6 +31,7 @@ from torch import Tensor, nn
 from fusion.branches.common import PillarEncoder
 from fusion.branches.lidar import _normalised_lidar_features
 from fusion.cuda_ops.reference import point_cells
+from fusion.deploy.segments import group_rows, sorted_max, sorted_sum, to_dense
 from fusion.grid import BEVGrid
 
 
@@ -42,33 +49,19 @@ class PillarCells(nn.Module):
         return torch.where(kept, flat, torch.full_like(flat, self.grid.height * self.grid.width))
 
 
-class _RowScatter(torch.autograd.Function):
-    """out[index[i]] = reduce(out[index[i]], values[i]) for whole rows, exported as ScatterElements(axis 0) over the
-    index expanded to every element.
-
-    Not ScatterND over rows, although onnxruntime runs that much faster (1.6 ms against 81.5 ms for 50k rows of 32
-    into 16k, docs/benchmarks.md): its CPU ScatterND splits the update rows over threads without guarding rows that
-    share a destination, so with duplicate indices (every pillar with more than one point) and more than one
-    intra-op thread, additions and maxima are lost at random (onnxruntime 1.31.1, a sum of 200k rows into 500: off
-    by up to 24 in 1 of 5 runs with 2 threads, by up to 9.3 in 4 of 5 runs with 4; onnxruntime issues #18048 and
-    #23396; tests/test_onnx_export.py::test_exported_scatter_is_deterministic). That race was the run-to-run parity
-    failure of the exported model. ScatterElements reduces serially, exactly."""
+class _CountScatter(torch.autograd.Function):
+    """out [S] with 1 added at index[i] for every i of index [N]: ScatterElements(add) of ones. onnxruntime runs
+    ScatterElements serially (exact, any thread count) at ~10-15 ns per element: cheap for one column (0.2 ms for
+    48k points), too slow for wide rows (see fusion.deploy.segments)."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, index: Tensor, values: Tensor, reduce: str) -> Tensor:
-        return out.scatter_reduce(0, index[:, None].expand(-1, values.shape[1]), values, reduce, include_self=True)
+    def forward(ctx, out: Tensor, index: Tensor) -> Tensor:
+        return out.index_add(0, index, torch.ones_like(index, dtype=out.dtype))
 
     @staticmethod
-    def symbolic(g, out, index, values, reduce: str):
-        column = g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
-        expanded = g.op("Expand", column, g.op("Shape", values))
-        return g.op("ScatterElements", out, expanded, values, axis_i=0,
-                    reduction_s={"sum": "add", "amax": "max"}[reduce])
-
-
-def _segment(values: Tensor, index: Tensor, segments: int, reduce: str) -> Tensor:
-    """[segments, C] sum ("sum") or max into zeros ("amax") of values [N, C] over index [N] in [0, segments)."""
-    return _RowScatter.apply(values.new_zeros(segments, values.shape[1]), index, values, reduce)
+    def symbolic(g, out, index):
+        ones = g.op("Expand", g.op("Constant", value_t=torch.tensor([1.0])), g.op("Shape", index))
+        return g.op("ScatterElements", out, index, ones, axis_i=0, reduction_s="add")
 
 
 class DensePillars(nn.Module):
@@ -83,20 +76,22 @@ class DensePillars(nn.Module):
 
     def forward(self, xyz: Tensor, point_features: Tensor) -> Tensor:
         encoder, grid = self.encoder, self.encoder.pillar_grid
-        segments = grid.height * grid.width + 1  # + the trash row
-        pillar = self.voxelize(xyz)
-        xyz = xyz.float()
-        counts = _segment(torch.ones_like(xyz[:, :1]), pillar, segments, "sum")  # [S, 1]
-        mean_xyz = (_segment(xyz, pillar, segments, "sum") / counts.clamp(min=1.0))[pillar]
+        # The trash row H * W is a segment like the others (cut off at the end), so that the PFN never gets zero
+        # rows (onnxruntime's MatMul / LayerNorm reject them) when every point is dropped.
+        rows = group_rows(self.voxelize(xyz), grid.height * grid.width + 1)
+        # From here on the points are in pillar order: a per-point value of pillar k is a gather by `ordinal`.
+        xyz, point_features, pillar = xyz.float()[rows.order], point_features[rows.order], rows.index
+        counts = rows.counts()[:, None].to(xyz.dtype)  # [K, 1] points per occupied pillar
+        mean_xyz = (sorted_sum(xyz, rows) / counts)[rows.ordinal]
         pillar_size = xyz.new_tensor(encoder.voxel_size)
         row, col = pillar // grid.width, pillar % grid.width
         center_xy = grid.cell_to_xy(row, col, dtype=xyz.dtype)
         features = torch.cat([point_features, (xyz - mean_xyz) / pillar_size,
                               (xyz[:, :2] - center_xy) / pillar_size[:2]], dim=-1)
         hidden = encoder.pfn1(features)
-        pooled = _segment(hidden, pillar, segments, "amax")[pillar]
+        pooled = sorted_max(hidden, rows)[rows.ordinal]
         hidden = encoder.pfn2(torch.cat([hidden, pooled], dim=-1))
-        pillars = torch.cat([_segment(hidden, pillar, segments, "amax"), torch.log1p(counts)], dim=-1)
+        pillars = to_dense(torch.cat([sorted_max(hidden, rows), torch.log1p(counts)], dim=-1), rows)
         return pillars[:-1].view(1, grid.height, grid.width, encoder.out_channels).permute(0, 3, 1, 2)
 
 
@@ -118,7 +113,7 @@ class DenseTimeSlices(nn.Module):
         cells = slices * grid.height * grid.width
         flat = (slice_index.clamp(0, slices - 1).long() * grid.height + row) * grid.width + col
         flat = torch.where(inside, flat, torch.full_like(flat, cells))
-        counts = _segment(torch.ones_like(points[:, :1]), flat, cells + 1, "sum")
+        counts = _CountScatter.apply(points.new_zeros(cells + 1), flat)  # + the trash row
         return torch.log1p(counts[:-1]).view(1, slices, grid.height, grid.width)
 
 
@@ -177,13 +172,13 @@ class CameraGraph(nn.Module):
         self.branch = branch
         self.image_size = tuple(image_size)
 
-    def forward(self, images: Tensor, intrinsics: Tensor, cam_to_ego: Tensor, camera_valid: Tensor) -> Tensor:
+    def cells(self, intrinsics: Tensor, cam_to_ego: Tensor, camera_valid: Tensor, feature_size: tuple[int, int]
+              ) -> Tensor:
+        """[Nv, D, h, w] int64 flat pool-grid cell (level * H + row) * W + col of every frustum point, or Z * H * W
+        (the trash cell) for a point outside the grid or of an invalid camera. Inputs as in forward; feature_size
+        (h, w) of the depth net's output."""
         branch, grid = self.branch, self.branch.pool_grid
-        x = (images[0].float() - branch.image_mean) / branch.image_std
-        logits = branch.depth_net(branch.backbone(x))
-        depth = logits[:, :branch.depth_bins].softmax(dim=1)  # [Nv, D, h, w]
-        context = logits[:, branch.depth_bins:]  # [Nv, C, h, w]
-        frustum = branch.frustum(self.image_size, tuple(logits.shape[-2:]), logits.device, torch.float32)
+        frustum = branch.frustum(self.image_size, feature_size, intrinsics.device, torch.float32)
         pose = cam_to_ego[0].float()
         pixel_to_ego = pose[:, :3, :3] @ inverse_3x3(intrinsics[0].float())
         points = torch.einsum("nij,dhwj->ndhwi", pixel_to_ego, frustum) + pose[:, None, None, None, :3, 3]
@@ -194,10 +189,25 @@ class CameraGraph(nn.Module):
         inside = inside & camera_valid[0][:, None, None, None]
         cells = branch.height_bins * grid.height * grid.width
         flat = (level.clamp(0, branch.height_bins - 1).long() * grid.height + row) * grid.width + col
-        flat = torch.where(inside, flat, torch.full_like(flat, cells))
+        return torch.where(inside, flat, torch.full_like(flat, cells))
+
+    def forward(self, images: Tensor, intrinsics: Tensor, cam_to_ego: Tensor, camera_valid: Tensor) -> Tensor:
+        branch, grid = self.branch, self.branch.pool_grid
+        x = (images[0].float() - branch.image_mean) / branch.image_std
+        logits = branch.depth_net(branch.backbone(x))
+        depth = logits[:, :branch.depth_bins].softmax(dim=1)  # [Nv, D, h, w]
+        context = logits[:, branch.depth_bins:]  # [Nv, C, h, w]
+        cells = branch.height_bins * grid.height * grid.width
+        flat = self.cells(intrinsics, cam_to_ego, camera_valid, tuple(logits.shape[-2:]))
+        # Sum depth x context over the frustum points of each cell, the trash cell left out. The products are formed
+        # for the kept points only, in cell order: the point (camera, bin, v, u) has the pixel (camera, v, u).
+        rows = group_rows(flat.reshape(-1), cells, trash=True)
+        pixels = logits.shape[-2] * logits.shape[-1]
+        pixel = rows.order // (branch.depth_bins * pixels) * pixels + rows.order % pixels
         channels = context.shape[1]
-        lifted = (depth[:, :, None] * context[:, None]).permute(0, 1, 3, 4, 2).reshape(-1, channels)
-        pooled = _segment(lifted, flat.reshape(-1), cells + 1, "sum")[:-1]  # [Z * H * W, C]
+        context_rows = context.permute(0, 2, 3, 1).reshape(-1, channels)  # [Nv * h * w, C]
+        lifted = depth.reshape(-1)[rows.order, None] * context_rows[pixel]  # [kept points, C], cell order
+        pooled = to_dense(sorted_sum(lifted, rows), rows)  # [Z * H * W, C]
         pooled = pooled.view(branch.height_bins, grid.height, grid.width, channels).permute(3, 0, 1, 2)
         pooled = pooled.reshape(1, channels * branch.height_bins, grid.height, grid.width)
         return branch.bev_encoder(branch.downsample(pooled))
