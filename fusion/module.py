@@ -31,6 +31,7 @@ from fusion.fuser import DeformableFuser, FusionAttention
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead, HeadOutput
 from fusion.heads.decode import decode_boxes, encode_targets
+from fusion.heads.point_motion import finish_motion, point_motion_settings
 from fusion.losses import CenterPointLoss
 from fusion.types import MODALITIES, Batch, Boxes
 
@@ -180,6 +181,9 @@ class FusionDetector(pl.LightningModule):
         score_threshold / max_boxes / pool_size / heading_from_motion: decoding (fusion.heads.decode.decode_boxes;
             heading_from_motion, m/s: a box predicted to move at least that fast takes its heading from its velocity,
             "flip": turned by pi if it points against the motion, "direction": the motion's direction).
+        point_motion: measure each detected box's velocity from the LiDAR sweeps' time lags and the radar's Doppler
+            and combine it with the head's (fusion.heads.point_motion; a dict of PointMotionSettings fields, {} for
+            the defaults; None: the head's velocity as it is). Applied before heading_from_motion.
         gaussian_overlap / min_radius: target heatmap Gaussians (CenterPoint's gaussian_radius).
     """
 
@@ -203,6 +207,7 @@ class FusionDetector(pl.LightningModule):
         pool_size: int = 3,
         heading_from_motion: float | None = None,
         heading_from_motion_mode: Literal["direction", "flip"] = "flip",
+        point_motion: dict | None = None,
         gaussian_overlap: float = 0.1,
         min_radius: int = 2,
     ):
@@ -249,6 +254,7 @@ class FusionDetector(pl.LightningModule):
         self.head = head(grid, fused_channels) if head is not None else CenterHead(grid, fused_channels)
         self.loss = loss if loss is not None else CenterPointLoss()
         self.modality_dropout = modality_dropout
+        self.point_motion = point_motion_settings(point_motion)  # ValueError naming an unknown field
 
     # ---------------------------------------------------------------- forward / inference
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
@@ -296,18 +302,21 @@ class FusionDetector(pl.LightningModule):
             output, attention = self(batch.to(self.device))
         finally:
             self.train(was_training)
-        return self.decode(output, score_threshold), attention
+        return self.decode(output, score_threshold, batch), attention
 
     def predict_boxes(self, batch: Batch, score_threshold: float | None = None) -> list[Boxes]:
         """The detections of `predict` only; used by evaluation."""
         return self.predict(batch, score_threshold)[0]
 
-    def decode(self, output: HeadOutput, score_threshold: float | None = None) -> list[Boxes]:
-        """Raw head maps -> Boxes per sample (ego frame) with this model's decoding settings."""
+    def decode(self, output: HeadOutput, score_threshold: float | None = None, batch: Batch | None = None
+               ) -> list[Boxes]:
+        """Raw head maps -> Boxes per sample (ego frame) with this model's decoding settings; `batch` (the one the
+        maps came from) gives the point clouds the point_motion velocity measurement needs (skipped without it)."""
         threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
-        return decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
-                            self.hparams.get("pool_size", 3), self.hparams.get("heading_from_motion"),
-                            self.hparams.get("heading_from_motion_mode", "flip"))
+        boxes = decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
+                             self.hparams.get("pool_size", 3))
+        return finish_motion(boxes, batch, self.point_motion, self.hparams.get("heading_from_motion"),
+                             self.hparams.get("heading_from_motion_mode", "flip"))
 
     # ---------------------------------------------------------------- training
     def compute_losses(self, batch: Batch, present: dict[str, Tensor] | None = None
@@ -344,12 +353,12 @@ class FusionDetector(pl.LightningModule):
         losses, output = self.compute_losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size,
                       on_epoch=True, sync_dist=True)
-        boxes = self.decode(output)
+        boxes = self.decode(output, batch=batch)
         return {"predictions": {token: sample_boxes.to("cpu") for token, sample_boxes in zip(batch.tokens, boxes)}}
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Boxes]:
         output, _ = self(batch)
-        boxes = self.decode(output)
+        boxes = self.decode(output, batch=batch)
         return {token: b.to("cpu") for token, b in zip(batch.tokens, boxes)}
 
     def configure_optimizers(self):

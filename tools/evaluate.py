@@ -75,9 +75,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="decoding score threshold (default: the model's)")
+    parser.add_argument("--point-motion", choices=("model", "off", "on"), default="model",
+                        help="velocities measured from LiDAR time lags and radar Doppler after decoding "
+                             "(fusion.heads.point_motion): as the checkpoint's config says (model), off (the head's "
+                             "velocities), or on with the default settings")
     args = parser.parse_args(argv)
     if args.results and args.robustness:
         parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
+    if args.results and args.point_motion != "model":
+        parser.error("--point-motion is only used with --checkpoint")
     if args.results and args.config:
         parser.error("--config is only used with --checkpoint")
     if args.task == "tracking" and args.robustness:
@@ -124,6 +130,8 @@ def load_model(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+    if args.point_motion != "model":
+        model_overrides["point_motion"] = {} if args.point_motion == "on" else None
     data_overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
                       if v is not None}
     data_overrides["cache_dir"] = str(args.cache_dir or Path(args.out) / "cache")

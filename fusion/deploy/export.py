@@ -30,7 +30,8 @@ def export_spec(model, image_size: tuple[int, int] | None, num_cameras: int = 6,
     decode = DecodeSettings(score_threshold=float(hparams.get("score_threshold", 0.1)),
                             max_boxes=int(hparams.get("max_boxes", 500)), pool_size=int(hparams.get("pool_size", 3)),
                             heading_from_motion=hparams.get("heading_from_motion"),
-                            heading_from_motion_mode=hparams.get("heading_from_motion_mode", "flip"))
+                            heading_from_motion_mode=hparams.get("heading_from_motion_mode", "flip"),
+                            point_motion=hparams.get("point_motion"))
     direction = getattr(model.head, "direction", None) is not None
     return ExportSpec(grid=asdict(model.grid), modalities=modalities,
                       image_size=tuple(image_size) if "camera" in modalities else None,

@@ -17,6 +17,7 @@ from fusion.deploy.spec import DecodeSettings, ExportSpec
 from fusion.fuser import FusionAttention
 from fusion.heads.centerpoint import HeadOutput
 from fusion.heads.decode import decode_boxes
+from fusion.heads.point_motion import finish_motion, point_motion_settings
 from fusion.types import LIDAR_FEATURES, RADAR_FEATURES, Batch, Boxes
 
 _MAP_NAMES = ("heatmap", "offset", "height", "size", "rotation", "velocity", "attribute", "direction")
@@ -83,9 +84,12 @@ def attention(outputs: dict[str, Tensor], spec: ExportSpec, present: Tensor) -> 
     return FusionAttention(outputs["attention_weights"], tuple(spec.modalities), present)
 
 
-def decode(output: HeadOutput, spec: ExportSpec, score_threshold: float | None = None) -> list[Boxes]:
-    """Boxes per sample (ego frame, best first) from the head maps, with the decoding settings of `spec`."""
+def decode(output: HeadOutput, spec: ExportSpec, score_threshold: float | None = None, batch: Batch | None = None
+           ) -> list[Boxes]:
+    """Boxes per sample (ego frame, best first) from the head maps, with the decoding settings of `spec`; `batch`
+    (the graph's input) gives the point clouds of the point_motion velocity measurement, as in FusionDetector.decode."""
     settings: DecodeSettings = spec.decode
     threshold = settings.score_threshold if score_threshold is None else score_threshold
-    return decode_boxes(output, spec.bev_grid, threshold, settings.max_boxes, settings.pool_size,
-                        settings.heading_from_motion, settings.heading_from_motion_mode)
+    boxes = decode_boxes(output, spec.bev_grid, threshold, settings.max_boxes, settings.pool_size)
+    return finish_motion(boxes, batch, point_motion_settings(settings.point_motion), settings.heading_from_motion,
+                         settings.heading_from_motion_mode)

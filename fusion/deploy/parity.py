@@ -106,8 +106,8 @@ def check_parity(model, detector, batches, score_threshold: float | None = None)
             with torch.no_grad():
                 reference_maps, _ = model(view)
             candidate_maps, _ = detector.run(view)
-            reference = model.decode(reference_maps, threshold)[0]
-            candidate = decode(candidate_maps, detector.spec, threshold)[0]
+            reference = model.decode(reference_maps, threshold, view)[0]
+            candidate = decode(candidate_maps, detector.spec, threshold, view)[0]
             difference = max(float((getattr(reference_maps, name).float() - getattr(candidate_maps, name)).abs().max())
                              for name in ("heatmap", "offset", "height", "size", "rotation", "velocity"))
             records.append(ParityRecord(batch.tokens[0], label,

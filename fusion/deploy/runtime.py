@@ -54,7 +54,7 @@ class OnnxDetector:
         """(detections of the one sample (ego frame, best first), the fuser's attention weights)."""
         output, attention = self.run(batch)
         threshold = score_threshold if score_threshold is not None else self.score_threshold
-        return shared.decode(output, self.spec, threshold), attention
+        return shared.decode(output, self.spec, threshold, batch), attention
 
     def predict_boxes(self, batch: Batch, score_threshold: float | None = None) -> list[Boxes]:
         return self.predict(batch, score_threshold)[0]

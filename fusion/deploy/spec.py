@@ -14,7 +14,8 @@ from fusion.grid import BEVGrid
 
 #: The metadata key of the ONNX file that holds the ExportSpec as JSON.
 METADATA_KEY = "fusion_export_spec"
-#: ONNX opset: 18 is the first with ScatterElements(reduction="max"), which the pillar encoder needs.
+#: ONNX opset of the export (18: the opset the graph was written and tested against; its TopK / CumSum / ScatterND
+#: pooling, fusion.deploy.segments, needs no newer one).
 OPSET = 18
 
 
@@ -31,6 +32,7 @@ class DecodeSettings:
     pool_size: int = 3
     heading_from_motion: float | None = None
     heading_from_motion_mode: str = "flip"
+    point_motion: dict | None = None  # fusion.heads.point_motion.PointMotionSettings fields; None: off
 
 
 @dataclass

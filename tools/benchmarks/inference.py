@@ -9,7 +9,8 @@ untrained weights (seeded). Stages, milliseconds per frame (median over the time
     load      reader + transforms of one sample from disk (shared code, the same for every runtime; only with a
               dataroot), then `prepare`: collate (+ graph inputs for onnxruntime)
     voxelize  the points' pillar / voxel indices (part of the LiDAR and radar stages, shown on its own)
-    camera / lidar / radar / gps   each branch, fuser, head, decode (the shared decode_boxes)
+    camera / lidar / radar / gps   each branch, fuser, head, decode (the shared decode_boxes and, when the model
+              has point_motion, the velocity measurement from the points: fusion.heads.point_motion)
     e2e       prepare + model + decode, timed as one call (p50 and p95), not the sum of the stages.
 Stages are CPU time of the process (time.process_time, all threads): on a machine shared with other jobs, wall
 time mostly measures waiting for a core; e2e is given both as CPU time and as wall time.
@@ -97,7 +98,7 @@ def _torch_runtime(model, samples, warmup: int, iterations: int, compiled: bool)
         features = {name: _timed(lambda b=b: b(batch), stages, name) for name, b in branches.items()}
         fused, _ = _timed(lambda: fuser(features, masks), stages, "fuser")
         output = _timed(lambda: head(fused), stages, "head")
-        return _timed(lambda: model.decode(output), stages, "decode")
+        return _timed(lambda: model.decode(output, batch=batch), stages, "decode")
 
     stages: dict[str, list[float]] = {}
     wall, cpu = [], []
@@ -159,7 +160,7 @@ def _onnx_runtime(model, samples, warmup: int, iterations: int, threads: int, ou
                            "prepare_inputs")
             values = _timed(lambda: detector.session.run(spec.outputs, feeds), timed, "graph")
             outputs = {name: torch.from_numpy(v) for name, v in zip(spec.outputs, values)}
-            _timed(lambda: shared.decode(shared.head_output(outputs), spec), timed, "decode")
+            _timed(lambda: shared.decode(shared.head_output(outputs), spec, batch=batch), timed, "decode")
     stages["prepare"] = [a + b for a, b in zip(stages.pop("prepare"), stages.pop("prepare_inputs"))]
     result = {"stages_ms": {k: _ms(v) for k, v in stages.items()}, "wall": wall, "cpu": cpu,
               "onnx_file_mib": path.stat().st_size / 2 ** 20, "providers": detector.session.get_providers()}

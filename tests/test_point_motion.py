@@ -1,0 +1,225 @@
+"""Velocities measured from LiDAR time lags and radar Doppler (fusion.heads.point_motion)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from fusion.heads.point_motion import (PointMotionSettings, finish_motion, measure_velocities,
+                                       point_motion_settings)
+from fusion.types import Boxes
+
+LAGS = (0.0, 0.15, 0.30, 0.45)  # the main job's sweeps, seconds
+
+
+def make_boxes(centers, sizes, yaws, velocities) -> Boxes:
+    n = len(centers)
+    return Boxes(center=torch.tensor(centers, dtype=torch.float32), size=torch.tensor(sizes, dtype=torch.float32),
+                 yaw=torch.tensor(yaws, dtype=torch.float32), velocity=torch.tensor(velocities, dtype=torch.float32),
+                 labels=torch.zeros(n, dtype=torch.int64), attributes=torch.full((n,), -1, dtype=torch.int64),
+                 scores=torch.ones(n), num_lidar_pts=torch.full((n,), -1), num_radar_pts=torch.full((n,), -1))
+
+
+def surface_points(rng, center, size, yaw, velocity, spacing=0.1, lags=LAGS) -> np.ndarray:
+    """LiDAR rows (x, y, z, intensity, time_lag) on the two sides of a box that face the ego origin, as a spinning
+    LiDAR's rings sample them (three rings, a point every `spacing` meters, the phase shifting from sweep to sweep,
+    2 cm noise), for a box moving at `velocity` (m/s): a sweep of lag t sees it where it was t seconds ago."""
+    length, width, height = size
+    cos, sin = math.cos(yaw), math.sin(yaw)
+    to_ego = np.array([[cos, -sin], [sin, cos]])
+    toward_ego = to_ego.T @ -np.asarray(center[:2])  # the ego's direction in the box frame
+    side_x = math.copysign(length / 2, toward_ego[0])  # the visible end
+    side_y = math.copysign(width / 2, toward_ego[1])  # the visible side
+    rows = []
+    for lag in lags:
+        phase = rng.uniform(0, spacing)
+        along = np.arange(-length / 2 + phase, length / 2, spacing)
+        across = np.arange(-width / 2 + phase, width / 2, spacing)
+        outline = np.concatenate([np.stack([along, np.full_like(along, side_y)], 1),
+                                  np.stack([np.full_like(across, side_x), across], 1)])
+        for ring_height in (0.3, 0.55, 0.8):
+            xy = outline @ to_ego.T + np.asarray(center[:2]) - np.asarray(velocity) * lag
+            xy = xy + rng.normal(0, 0.02, xy.shape)
+            z = np.full(len(xy), center[2] - height / 2 + ring_height * height)
+            rows.append(np.column_stack([xy, z, np.full(len(xy), 10.0), np.full(len(xy), lag)]))
+    return np.concatenate(rows)
+
+
+def ground_points(rng, n=3000, z=0.0) -> np.ndarray:
+    lag = rng.choice(LAGS, n)
+    return np.stack([rng.uniform(-30, 30, n), rng.uniform(-30, 30, n), np.full(n, z), np.ones(n), lag], 1)
+
+
+def cloud(*parts) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(parts)).float()
+
+
+def test_moving_and_static_boxes_measured_from_the_sweeps():
+    rng = np.random.default_rng(0)
+    car = ([10.0, 5.0, 0.9], [4.5, 1.9, 1.7], 0.4, [6.0, 2.5])
+    parked = ([10.0, -4.0, 0.9], [4.5, 1.9, 1.7], 0.0, [0.0, 0.0])
+    lidar = cloud(surface_points(rng, *car), surface_points(rng, *parked), ground_points(rng))
+    # the head said 0 m/s for the moving car and 1 m/s for the parked one
+    boxes = make_boxes([car[0], parked[0]], [car[1], parked[1]], [car[2], parked[2]], [[0, 0], [1.0, 0.0]])
+    measured = measure_velocities(boxes, lidar, None)
+    assert measured.lidar_fit.tolist() == [True, True]
+    np.testing.assert_allclose(measured.velocity[0], car[3], atol=0.3)
+    assert np.linalg.norm(measured.velocity[1]) < 0.3
+    newest = [len(surface_points(rng, *b, lags=(0.0,))) for b in (car, parked)]
+    assert measured.lidar_points.tolist() == newest  # the newest sweep's points of the box, none of the ground
+
+
+@hypothesis_settings(max_examples=25, deadline=None)
+@given(vx=st.floats(-15, 15), vy=st.floats(-15, 15), yaw=st.floats(-math.pi, math.pi), seed=st.integers(0, 2 ** 16))
+def test_any_planar_velocity_is_recovered_from_a_zero_start(vx, vy, yaw, seed):
+    rng = np.random.default_rng(seed)
+    box = ([-20.0, 12.0, 1.0], [4.8, 2.0, 1.6], yaw, [vx, vy])
+    lidar = cloud(surface_points(rng, *box), ground_points(rng, 500))
+    measured = measure_velocities(make_boxes([box[0]], [box[1]], [yaw], [[0.0, 0.0]]), lidar, None)
+    assert measured.lidar_fit[0]
+    np.testing.assert_allclose(measured.velocity[0], [vx, vy], atol=0.5)
+
+
+def test_unsupported_fit_keeps_the_heads_velocity():
+    rng = np.random.default_rng(1)
+    box = ([5.0, 5.0, 0.9], [4.0, 1.8, 1.5], 0.0, [3.0, 0.0])
+    single_sweep = cloud(surface_points(rng, *box, lags=(0.0,)))  # no time span
+    few = cloud(surface_points(rng, *box)[::200])  # a point or two per sweep: fewer than min_points
+    head = [[1.5, -0.5]]
+    for lidar in (single_sweep, few, torch.zeros(0, 5), None):
+        measured = measure_velocities(make_boxes([box[0]], [box[1]], [0.0], head), lidar, None)
+        assert not measured.lidar_fit[0]
+        np.testing.assert_allclose(measured.velocity[0], head[0], atol=1e-6)
+
+
+def test_non_finite_points_are_ignored():
+    rng = np.random.default_rng(2)
+    box = ([8.0, 0.0, 0.9], [4.0, 1.8, 1.5], 0.0, [4.0, 0.0])
+    points = surface_points(rng, *box)
+    points[::7, 0] = np.nan
+    points[1::7, 4] = np.inf
+    measured = measure_velocities(make_boxes([box[0]], [box[1]], [0.0], [[0.0, 0.0]]), cloud(points), None)
+    assert np.isfinite(measured.velocity).all()
+    np.testing.assert_allclose(measured.velocity[0], box[3], atol=0.3)
+
+
+def radar_returns(points_xy, velocity, lag=0.0) -> torch.Tensor:
+    """[R, 8] radar rows (x, y, z, rcs, vx_comp, vy_comp, dyn_prop, time_lag) of an object moving at `velocity`:
+    the compensated velocity is its radial component along the line of sight from the ego origin."""
+    xy = np.asarray(points_xy, dtype=np.float64)
+    sight = xy / np.linalg.norm(xy, axis=1, keepdims=True)
+    radial = sight @ np.asarray(velocity)
+    rows = np.zeros((len(xy), 8))
+    rows[:, :2], rows[:, 2], rows[:, 3] = xy, 0.5, 5.0
+    rows[:, 4:6] = radial[:, None] * sight
+    rows[:, 7] = lag
+    return torch.from_numpy(rows).float()
+
+
+def test_radar_corrects_the_radial_component_only():
+    # a car straight ahead moving away at 8 m/s and sideways at 3 m/s; no LiDAR, the head said 0
+    box = make_boxes([[30.0, 0.0, 0.9]], [[4.5, 1.9, 1.7]], [0.0], [[0.0, 0.0]])
+    radar = radar_returns([[28.0, 0.3], [28.5, -0.4], [29.0, 0.1]], [8.0, 3.0])
+    measured = measure_velocities(box, None, radar)
+    assert measured.radar_returns[0] == 3
+    assert measured.velocity[0, 0] == pytest.approx(8.0, abs=0.3)  # radial: measured
+    assert abs(measured.velocity[0, 1]) < 0.5  # tangential: radar cannot tell, the head's 0 stays
+
+
+def test_radar_clutter_that_contradicts_the_lidar_is_left_out():
+    rng = np.random.default_rng(3)
+    car = ([30.0, 0.0, 0.9], [4.5, 1.9, 1.7], 0.0, [8.0, 0.0])
+    lidar = cloud(surface_points(rng, *car))
+    radar = radar_returns([[28.0, 0.3], [28.5, -0.4]], [-20.0, 0.0])  # 20 m/s towards the ego: clutter
+    measured = measure_velocities(make_boxes([car[0]], [car[1]], [0.0], [[0.0, 0.0]]), lidar, radar)
+    assert measured.radar_returns[0] == 0
+    np.testing.assert_allclose(measured.velocity[0], car[3], atol=0.3)
+
+
+def test_no_boxes_and_settings_errors():
+    empty = make_boxes(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), np.zeros((0, 2)))
+    measured = measure_velocities(empty, torch.zeros(0, 5), torch.zeros(0, 8))
+    assert measured.velocity.shape == (0, 2)
+    assert point_motion_settings(None) is None
+    assert point_motion_settings({}) == PointMotionSettings()
+    with pytest.raises(ValueError, match="unknown field.*'margin'"):
+        point_motion_settings({"margin": 1.0})
+    with pytest.raises(ValueError, match="margin_m"):
+        PointMotionSettings(margin_m=-1.0)
+    with pytest.raises(ValueError, match="radar_sigma"):
+        PointMotionSettings(radar_sigma=0.0)
+
+
+class _Batch:
+    """The fields of fusion.types.Batch that finish_motion reads."""
+
+    def __init__(self, lidar: torch.Tensor, present_lidar: bool):
+        self.lidar_points, self.lidar_batch = lidar, torch.zeros(len(lidar), dtype=torch.int64)
+        self.radar_points, self.radar_batch = torch.zeros(0, 8), torch.zeros(0, dtype=torch.int64)
+        self.present = {"lidar": torch.tensor([present_lidar]), "radar": torch.tensor([True])}
+
+
+def test_finish_motion_uses_only_present_sensors_then_turns_headings_to_the_motion():
+    rng = np.random.default_rng(4)
+    car = ([10.0, 5.0, 0.9], [4.5, 1.9, 1.7], 0.0, [-6.0, 0.0])  # drives towards -x
+    lidar = cloud(surface_points(rng, *car))
+    boxes = make_boxes([car[0]], [car[1]], [0.0], [[0.0, 0.0]])  # heading +x, head velocity 0
+    finished = finish_motion([boxes], _Batch(lidar, True), PointMotionSettings(), heading_from_motion=1.0)[0]
+    np.testing.assert_allclose(finished.velocity[0].numpy(), car[3], atol=0.3)
+    assert abs(abs(float(finished.yaw[0])) - math.pi) < 1e-5  # turned to face its motion
+    unused = finish_motion([boxes], _Batch(lidar, False), PointMotionSettings(), heading_from_motion=1.0)[0]
+    assert unused.velocity.abs().max() == 0 and float(unused.yaw[0]) == 0.0  # LiDAR marked absent: not read
+
+
+def test_the_model_measures_velocities_after_decoding(tiny):
+    """FusionDetector.predict with point_motion = the head's boxes, then finish_motion on the same batch; the
+    setting travels into the ONNX export's decoding settings."""
+    from dataclasses import asdict
+
+    from fusion.datasets.collate import collate_samples
+    from fusion.deploy.export import export_spec
+    from fusion.deploy.spec import ExportSpec
+
+    model, data = tiny
+    data.setup("validate")
+    batch = collate_samples([data.datasets["val"][0]])
+    saved = (model.point_motion, model.hparams.get("heading_from_motion"))
+    try:
+        model.point_motion, model.hparams["heading_from_motion"] = None, None
+        head_only, _ = model.predict(batch, score_threshold=0.0)
+        model.point_motion, model.hparams["heading_from_motion"] = PointMotionSettings(), 1.0
+        measured, _ = model.predict(batch, score_threshold=0.0)
+    finally:
+        model.point_motion, model.hparams["heading_from_motion"] = saved
+    expected = finish_motion(head_only, batch, PointMotionSettings(), 1.0)
+    assert len(measured[0]) == len(head_only[0]) > 0
+    torch.testing.assert_close(measured[0].center, head_only[0].center)
+    torch.testing.assert_close(measured[0].velocity, expected[0].velocity)
+    torch.testing.assert_close(measured[0].yaw, expected[0].yaw)
+    model.hparams["point_motion"] = asdict(PointMotionSettings())
+    try:
+        spec = ExportSpec.from_json(export_spec(model, (96, 256)).to_json())
+    finally:
+        model.hparams["point_motion"] = None
+    assert point_motion_settings(spec.decode.point_motion) == PointMotionSettings()
+
+
+@pytest.mark.real_data
+def test_real_scene_0061_frame_single_sweep_keeps_the_heads_velocity():
+    """On the real nuScenes keyframe (one LiDAR sweep, no radar rows) there is no time span to measure motion
+    over: every box keeps the head's velocity, and nothing breaks on real point clouds."""
+    import real_frame  # tests/real_frame.py
+
+    root = real_frame.real_data_root()
+    if root is None:
+        pytest.skip("real nuScenes files not found: set NUSCENES_REAL or provide ../shared/nuscenes-real")
+    sample = real_frame.load_real_frame(root)
+    head = torch.full_like(sample.boxes.velocity, 1.5)
+    boxes = replace(sample.boxes, velocity=head)
+    measured = measure_velocities(boxes, sample.lidar, sample.radar)
+    assert len(boxes) > 50 and not measured.lidar_fit.any()
+    np.testing.assert_allclose(measured.velocity, head.numpy(), atol=1e-6)
