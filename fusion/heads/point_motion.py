@@ -167,8 +167,10 @@ def _displacements(boxes: Boxes, template: tuple[np.ndarray, np.ndarray], candid
     """(displacement [N, 2] meters, votes [N]) of each box's points between the reference sweep (template: box
     index [A], xy [A, 2]) and an older sweep (candidates: box index [C], xy [C, 2]), searched within
     `settings.search_m` of predicted [N, 2]: every (template, candidate) pair of a box votes for the shift between
-    them; the densest 3 x 3-bin cell of the vote histogram wins, refined to the mean shift of its votes (a point-set
-    cross-correlation: it does not depend on which parts of the surface each sweep happened to sample)."""
+    them (a point-set cross-correlation: it does not depend on which parts of the surface each sweep happened to
+    sample). The peak of the 3 x 3-smoothed vote histogram (the middle of its ridge, or no displacement when that
+    has nearly as many votes) is refined to the mean shift of the votes within one bin of it. A peak on the edge of
+    the search window gets 0 votes (the object may lie beyond it)."""
     n = len(boxes)
     displacement, votes = np.zeros((n, 2)), np.zeros(n)
     t_box, t_xy = template
