@@ -254,7 +254,7 @@ class FusionDetector(pl.LightningModule):
         self.head = head(grid, fused_channels) if head is not None else CenterHead(grid, fused_channels)
         self.loss = loss if loss is not None else CenterPointLoss()
         self.modality_dropout = modality_dropout
-        self.point_motion = point_motion_settings(point_motion)  # ValueError naming an unknown field
+        point_motion_settings(point_motion)  # ValueError naming an unknown field, at construction
 
     # ---------------------------------------------------------------- forward / inference
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
@@ -315,7 +315,8 @@ class FusionDetector(pl.LightningModule):
         threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
         boxes = decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
                              self.hparams.get("pool_size", 3))
-        return finish_motion(boxes, batch, self.point_motion, self.hparams.get("heading_from_motion"),
+        return finish_motion(boxes, batch, point_motion_settings(self.hparams.get("point_motion")),
+                             self.hparams.get("heading_from_motion"),
                              self.hparams.get("heading_from_motion_mode", "flip"))
 
     # ---------------------------------------------------------------- training

@@ -187,24 +187,20 @@ def test_the_model_measures_velocities_after_decoding(tiny):
     model, data = tiny
     data.setup("validate")
     batch = collate_samples([data.datasets["val"][0]])
-    saved = (model.point_motion, model.hparams.get("heading_from_motion"))
+    saved = {name: model.hparams.get(name) for name in ("point_motion", "heading_from_motion")}
     try:
-        model.point_motion, model.hparams["heading_from_motion"] = None, None
+        model.hparams.update(point_motion=None, heading_from_motion=None)
         head_only, _ = model.predict(batch, score_threshold=0.0)
-        model.point_motion, model.hparams["heading_from_motion"] = PointMotionSettings(), 1.0
+        model.hparams.update(point_motion=asdict(PointMotionSettings()), heading_from_motion=1.0)
         measured, _ = model.predict(batch, score_threshold=0.0)
+        spec = ExportSpec.from_json(export_spec(model, (96, 256)).to_json())
     finally:
-        model.point_motion, model.hparams["heading_from_motion"] = saved
+        model.hparams.update(saved)
     expected = finish_motion(head_only, batch, PointMotionSettings(), 1.0)
     assert len(measured[0]) == len(head_only[0]) > 0
     torch.testing.assert_close(measured[0].center, head_only[0].center)
     torch.testing.assert_close(measured[0].velocity, expected[0].velocity)
     torch.testing.assert_close(measured[0].yaw, expected[0].yaw)
-    model.hparams["point_motion"] = asdict(PointMotionSettings())
-    try:
-        spec = ExportSpec.from_json(export_spec(model, (96, 256)).to_json())
-    finally:
-        model.hparams["point_motion"] = None
     assert point_motion_settings(spec.decode.point_motion) == PointMotionSettings()
 
 

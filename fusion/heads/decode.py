@@ -181,19 +181,15 @@ def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, m
 
 
 def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1, max_boxes: int = 500,
-                 pool_size: int = 3, heading_from_motion: float | None = None,
-                 heading_from_motion_mode: str = "flip") -> list[Boxes]:
+                 pool_size: int = 3) -> list[Boxes]:
     """Raw head maps -> Boxes per sample in the ego frame, best first, at most `max_boxes` each.
 
     A peak is a cell whose class probability (sigmoid of the heatmap logit) is the maximum of its
     pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
     dropped. A centre lies in its peak's cell (the offset is clamped to [0, 1] cells, as the encoding has it).
     Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
-    heading_from_motion: a speed (m/s); a box predicted to move at least that fast takes the direction of its
-        predicted velocity as heading (road users move forwards; on moving objects the velocity's direction is a
-        sharper cue than the heading regressed from a few coarse BEV cells, and it tells front from back) with
-        heading_from_motion_mode "direction", or is turned by pi when it points against it with "flip" (the axis
-        stays the regressed one). None leaves headings as predicted.
+    Headings aligned with the motion (heading_from_motion) and measured velocities (point_motion) are applied
+    after this, by `fusion.heads.point_motion.finish_motion`.
     """
     if max_boxes < 1:
         raise ValueError(f"decode_boxes: max_boxes must be >= 1, got {max_boxes}")
@@ -221,8 +217,6 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
     center = torch.cat([grid.cell_to_xy(row, col, offset[..., :2].clamp(0.0, 1.0)), z], dim=-1)
     size = torch.exp(log_size.clamp(max=math.log(100.0)))
     yaw = decode_yaw(rotation, gather(out.direction) if out.direction is not None else None)
-    if heading_from_motion is not None:
-        yaw = align_heading_with_motion(yaw, velocity, heading_from_motion, heading_from_motion_mode)
     relevant = relevant_attribute_mask(heat.device)[labels]  # [B, k, 8]
     attributes = attr_logits.masked_fill(~relevant, float("-inf")).argmax(dim=-1)
     attributes = torch.where(relevant.any(dim=-1), attributes, torch.full_like(attributes, NO_ATTRIBUTE))

@@ -35,8 +35,7 @@ from fusion.heads.decode import align_heading_with_motion
 from fusion.types import LIDAR_FEATURES, RADAR_FEATURES, Batch, Boxes
 
 _LX, _LY, _LZ, _LT = (LIDAR_FEATURES.index(name) for name in ("x", "y", "z", "time_lag"))
-_RX, _RY, _RZ, _RVX, _RVY, _RT = (RADAR_FEATURES.index(name)
-                                  for name in ("x", "y", "z", "vx_comp", "vy_comp", "time_lag"))
+_RX, _RY, _RVX, _RVY, _RT = (RADAR_FEATURES.index(name) for name in ("x", "y", "vx_comp", "vy_comp", "time_lag"))
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,9 @@ class PointMotionSettings:
 
 @dataclass
 class MotionMeasurement:
-    """Per box of one sample: velocity [N, 2] (m/s, ego frame), lidar_points [N] (points in the last fit, 0 where no
-    fit was supported), lidar_fit [N] bool (the LiDAR fit was used), radar_returns [N] (returns used)."""
+    """Per box of one sample: velocity [N, 2] (m/s, ego frame), lidar_points [N] (the box's LiDAR points in the
+    newest sweep; 0 for boxes not measured), lidar_fit [N] bool (the LiDAR fit was used), radar_returns [N] (returns
+    used)."""
 
     velocity: np.ndarray
     lidar_points: np.ndarray
@@ -282,13 +282,13 @@ def _lidar_fit(boxes: Boxes, points: np.ndarray, velocity: np.ndarray, settings:
 def _radar_update(boxes: Boxes, radar: np.ndarray, prior: np.ndarray, prior_sigma: np.ndarray,
                   settings: PointMotionSettings) -> tuple[np.ndarray, np.ndarray]:
     """(velocity [N, 2], returns used [N]): the prior velocity [N, 2] (per-axis sigma [N]) updated with the radial
-    speeds of the radar returns inside each box's footprint moved by the prior velocity."""
+    speeds of the radar returns radar [R, 5] (x, y, vx_comp, vy_comp, time_lag; ego frame) inside each box's
+    footprint moved by the prior velocity."""
     n = len(boxes)
     used = np.zeros(n, dtype=np.int64)
     if len(radar) == 0 or n == 0:
         return prior, used
-    xy, lag = radar[:, :2], radar[:, 5]
-    radial_vector = radar[:, 3:5]
+    xy, radial_vector, lag = radar[:, :2], radar[:, 2:4], radar[:, 4]
     distance = np.linalg.norm(xy, axis=1)
     sight = xy / np.maximum(distance, 1e-6)[:, None]  # unit line of sight from the ego origin
     radial = (radial_vector * sight).sum(1)  # compensated radial speed, m/s (+ away from the ego)
@@ -365,7 +365,7 @@ def _measure(boxes: Boxes, head: np.ndarray, lidar_points: Tensor | None, radar_
     sigma = 1.0 / np.sqrt(lidar_weight + head_weight)
     radar_used = np.zeros(n, dtype=np.int64)
     if settings.use_radar and radar_points is not None and radar_points.numel():
-        radar = radar_points.detach().cpu().double().numpy()[:, [_RX, _RY, _RZ, _RVX, _RVY, _RT]]
+        radar = radar_points.detach().cpu().double().numpy()[:, [_RX, _RY, _RVX, _RVY, _RT]]
         radar = radar[np.isfinite(radar).all(1)]  # a radar sweep may be newer than the keyframe (lag < 0)
         velocity, radar_used = _radar_update(boxes, radar, velocity, sigma, settings)
     return MotionMeasurement(velocity, used, supported, radar_used)
