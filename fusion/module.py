@@ -31,7 +31,9 @@ from fusion.fuser import DeformableFuser, FusionAttention
 from fusion.grid import BEVGrid
 from fusion.heads.centerpoint import CenterHead, HeadOutput
 from fusion.heads.decode import decode_boxes, encode_targets
-from fusion.heads.point_motion import finish_motion, point_motion_settings
+from fusion.heads.finish import finish_boxes
+from fusion.heads.map_heading import map_heading_settings
+from fusion.heads.point_motion import point_motion_settings
 from fusion.losses import CenterPointLoss
 from fusion.types import MODALITIES, Batch, Boxes
 
@@ -184,6 +186,11 @@ class FusionDetector(pl.LightningModule):
         point_motion: measure each detected box's velocity from the LiDAR sweeps' time lags and the radar's Doppler
             and combine it with the head's (fusion.heads.point_motion; a dict of PointMotionSettings fields, {} for
             the defaults; None: the head's velocity as it is). Applied before heading_from_motion.
+        map_heading: turn slow road vehicles to face along the side of the road traffic keeps to, read from the
+            map crop (fusion.heads.map_heading; a dict of MapHeadingSettings fields, {} for the defaults, e.g.
+            {"traffic": "left"}; None: off). Applied after heading_from_motion, to the boxes it leaves alone.
+        attribute_from_motion: m/s; a box moving at least that fast (after point_motion) gets its class's moving
+            attribute (vehicle.moving, cycle.with_rider, pedestrian.moving); None: the head's attribute as it is.
         gaussian_overlap / min_radius: target heatmap Gaussians (CenterPoint's gaussian_radius).
     """
 
@@ -208,6 +215,8 @@ class FusionDetector(pl.LightningModule):
         heading_from_motion: float | None = None,
         heading_from_motion_mode: Literal["direction", "flip"] = "flip",
         point_motion: dict | None = None,
+        map_heading: dict | None = None,
+        attribute_from_motion: float | None = None,
         gaussian_overlap: float = 0.1,
         min_radius: int = 2,
     ):
@@ -255,6 +264,11 @@ class FusionDetector(pl.LightningModule):
         self.loss = loss if loss is not None else CenterPointLoss()
         self.modality_dropout = modality_dropout
         point_motion_settings(point_motion)  # ValueError naming an unknown field, at construction
+        map_heading_settings(map_heading)
+        for name, speed in (("heading_from_motion", heading_from_motion), ("attribute_from_motion", attribute_from_motion)):
+            if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))
+                                      or not math.isfinite(speed) or speed < 0):
+                raise ValueError(f"FusionDetector.{name} must be a finite speed >= 0 (m/s) or None, got {speed!r}")
 
     # ---------------------------------------------------------------- forward / inference
     def forward(self, batch: Batch, present: dict[str, Tensor] | None = None) -> tuple[HeadOutput, FusionAttention]:
@@ -315,9 +329,10 @@ class FusionDetector(pl.LightningModule):
         threshold = self.hparams.get("score_threshold", 0.1) if score_threshold is None else score_threshold
         boxes = decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
                              self.hparams.get("pool_size", 3))
-        return finish_motion(boxes, batch, point_motion_settings(self.hparams.get("point_motion")),
-                             self.hparams.get("heading_from_motion"),
-                             self.hparams.get("heading_from_motion_mode", "flip"))
+        return finish_boxes(boxes, batch, self.grid, point_motion_settings(self.hparams.get("point_motion")),
+                            self.hparams.get("heading_from_motion"), self.hparams.get("heading_from_motion_mode", "flip"),
+                            map_heading_settings(self.hparams.get("map_heading")),
+                            self.hparams.get("attribute_from_motion"))
 
     # ---------------------------------------------------------------- training
     def compute_losses(self, batch: Batch, present: dict[str, Tensor] | None = None

@@ -13,7 +13,7 @@ from fusion.branches.depth_supervision import NO_DEPTH, depth_loss, lidar_depth_
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.sample_builder import SampleBuilder
 from fusion.grid import BEVGrid
-from fusion.heads.decode import align_heading_with_motion
+from fusion.heads.decode import align_heading_with_motion, attributes_from_motion
 from fusion.replay.policy import SyncPolicy
 from fusion.types import LIDAR_NAME
 
@@ -81,6 +81,23 @@ def test_heading_follows_a_clear_motion_only():
     assert (direction.abs() <= math.pi + 1e-6).all()
     with pytest.raises(ValueError, match="mode"):
         align_heading_with_motion(yaw, velocity, 1.0, mode="average")
+
+
+def test_attributes_state_the_measured_motion():
+    """A box moving at least min_speed gets its class's moving attribute; slower boxes and classes without one
+    (barrier, traffic cone) keep what the head said."""
+    from fusion.types import ATTRIBUTES, DETECTION_CLASSES, NO_ATTRIBUTE
+
+    names = ["car", "trailer", "motorcycle", "pedestrian", "barrier", "car", "pedestrian"]
+    labels = torch.tensor([DETECTION_CLASSES.index(name) for name in names])
+    head = ["vehicle.parked", "vehicle.stopped", "cycle.without_rider", "pedestrian.standing", None,
+            "vehicle.parked", "pedestrian.sitting_lying_down"]
+    attributes = torch.tensor([ATTRIBUTES.index(a) if a else NO_ATTRIBUTE for a in head])
+    velocity = torch.tensor([[3.0, 0.0], [0.0, -8.0], [1.0, 0.0], [0.8, 0.8], [5.0, 0.0], [0.5, 0.0], [0.2, 0.0]])
+    result = attributes_from_motion(labels, attributes, velocity, min_speed=1.0)
+    named = [ATTRIBUTES[int(a)] if a != NO_ATTRIBUTE else None for a in result]
+    assert named == ["vehicle.moving", "vehicle.moving", "cycle.with_rider", "pedestrian.moving", None,
+                     "vehicle.parked", "pedestrian.sitting_lying_down"]
 
 
 def _front_camera():

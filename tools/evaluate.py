@@ -79,11 +79,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="velocities measured from LiDAR time lags and radar Doppler after decoding "
                              "(fusion.heads.point_motion): as the checkpoint's config says (model), off (the head's "
                              "velocities), or on with the default settings")
+    parser.add_argument("--map-heading", choices=("model", "off", "right", "left"), default="model",
+                        help="front / back of slow road vehicles from the side of the road traffic keeps to "
+                             "(fusion.heads.map_heading): as the checkpoint's config says (model), off, or on with "
+                             "the default settings for right- or left-hand traffic")
+    parser.add_argument("--attribute-from-motion", choices=("model", "off", "on"), default="model",
+                        help="boxes moving at least 1 m/s get their class's moving attribute "
+                             "(fusion.heads.decode.attributes_from_motion): as the checkpoint's config says (model), "
+                             "off, or on")
     args = parser.parse_args(argv)
     if args.results and args.robustness:
         parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
-    if args.results and args.point_motion != "model":
-        parser.error("--point-motion is only used with --checkpoint")
+    for flag in ("point_motion", "map_heading", "attribute_from_motion"):
+        if args.results and getattr(args, flag) != "model":
+            parser.error(f"--{flag.replace('_', '-')} is only used with --checkpoint")
     if args.results and args.config:
         parser.error("--config is only used with --checkpoint")
     if args.task == "tracking" and args.robustness:
@@ -132,6 +141,10 @@ def load_model(args: argparse.Namespace):
     model_overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
     if args.point_motion != "model":
         model_overrides["point_motion"] = {} if args.point_motion == "on" else None
+    if args.map_heading != "model":
+        model_overrides["map_heading"] = None if args.map_heading == "off" else {"traffic": args.map_heading}
+    if args.attribute_from_motion != "model":
+        model_overrides["attribute_from_motion"] = 1.0 if args.attribute_from_motion == "on" else None
     data_overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
                       if v is not None}
     data_overrides["cache_dir"] = str(args.cache_dir or Path(args.out) / "cache")

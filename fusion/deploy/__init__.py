@@ -8,7 +8,7 @@
 - `segments`: the graph's segment reductions (sort-grouped sums and maxima), exact and thread-safe in onnxruntime;
   `segment_benchmark`: their micro-benchmark against ScatterElements / ScatterND.
 - `inputs`: the shared pre- and post-processing of both runtimes: Batch -> graph inputs, graph outputs -> HeadOutput
-  -> `fusion.heads.decode.decode_boxes` -> `fusion.heads.point_motion.finish_motion`.
+  -> `fusion.heads.decode.decode_boxes` -> `fusion.heads.finish.finish_boxes`.
 - `export`: `export_onnx`, torch.onnx (TorchScript exporter) plus the spec as metadata.
 - `runtime`: `OnnxDetector`, an onnxruntime session with the replay engine's `predict(batch)` interface.
 - `parity`: box-by-box comparison of two runtimes' detections.

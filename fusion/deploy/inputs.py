@@ -17,7 +17,9 @@ from fusion.deploy.spec import DecodeSettings, ExportSpec
 from fusion.fuser import FusionAttention
 from fusion.heads.centerpoint import HeadOutput
 from fusion.heads.decode import decode_boxes
-from fusion.heads.point_motion import finish_motion, point_motion_settings
+from fusion.heads.finish import finish_boxes
+from fusion.heads.map_heading import map_heading_settings
+from fusion.heads.point_motion import point_motion_settings
 from fusion.types import LIDAR_FEATURES, RADAR_FEATURES, Batch, Boxes
 
 _MAP_NAMES = ("heatmap", "offset", "height", "size", "rotation", "velocity", "attribute", "direction")
@@ -91,5 +93,6 @@ def decode(output: HeadOutput, spec: ExportSpec, score_threshold: float | None =
     settings: DecodeSettings = spec.decode
     threshold = settings.score_threshold if score_threshold is None else score_threshold
     boxes = decode_boxes(output, spec.bev_grid, threshold, settings.max_boxes, settings.pool_size)
-    return finish_motion(boxes, batch, point_motion_settings(settings.point_motion), settings.heading_from_motion,
-                         settings.heading_from_motion_mode)
+    return finish_boxes(boxes, batch, spec.bev_grid, point_motion_settings(settings.point_motion),
+                        settings.heading_from_motion, settings.heading_from_motion_mode,
+                        map_heading_settings(settings.map_heading), settings.attribute_from_motion)

@@ -33,6 +33,8 @@ class DecodeSettings:
     heading_from_motion: float | None = None
     heading_from_motion_mode: str = "flip"
     point_motion: dict | None = None  # fusion.heads.point_motion.PointMotionSettings fields; None: off
+    map_heading: dict | None = None  # fusion.heads.map_heading.MapHeadingSettings fields; None: off
+    attribute_from_motion: float | None = None  # m/s; None: off (fusion.heads.decode.attributes_from_motion)
 
 
 @dataclass

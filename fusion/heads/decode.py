@@ -180,6 +180,29 @@ def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, m
     return torch.where(moving, heading, yaw)
 
 
+def _moving_attribute_table() -> Tensor:
+    """[10] int64: the attribute index that says "moving" for each of DETECTION_CLASSES, NO_ATTRIBUTE for none."""
+    moving = ("vehicle.moving", "cycle.with_rider", "pedestrian.moving")
+    table = torch.full((len(DETECTION_CLASSES),), NO_ATTRIBUTE, dtype=torch.int64)
+    for c, name in enumerate(DETECTION_CLASSES):
+        for attribute in CLASS_ATTRIBUTES[name]:
+            if attribute in moving:
+                table[c] = ATTRIBUTES.index(attribute)
+    return table
+
+
+_MOVING_ATTRIBUTE = _moving_attribute_table()
+
+
+def attributes_from_motion(labels: Tensor, attributes: Tensor, velocity: Tensor, min_speed: float) -> Tensor:
+    """attributes [N] (ATTRIBUTES index) where each box moving at least min_speed m/s (velocity [N, 2], m/s) gets
+    its class's moving attribute (vehicle.moving, cycle.with_rider, pedestrian.moving; barriers and cones have
+    none); slower boxes keep theirs. The attribute states the motion, so it follows the measured velocity."""
+    moving_attribute = _MOVING_ATTRIBUTE.to(labels.device)[labels]
+    moving = (velocity.norm(dim=-1) >= min_speed) & (moving_attribute != NO_ATTRIBUTE)
+    return torch.where(moving, moving_attribute, attributes)
+
+
 def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1, max_boxes: int = 500,
                  pool_size: int = 3) -> list[Boxes]:
     """Raw head maps -> Boxes per sample in the ego frame, best first, at most `max_boxes` each.
@@ -188,8 +211,8 @@ def decode_boxes(output: HeadOutput, grid: BEVGrid, score_threshold: float = 0.1
     pool_size x pool_size neighbourhood (max-pool peak extraction, no NMS); peaks scoring below score_threshold are
     dropped. A centre lies in its peak's cell (the offset is clamped to [0, 1] cells, as the encoding has it).
     Runs in float32 whatever the precision of `output`. num_lidar_pts / num_radar_pts are -1 (unknown).
-    Headings aligned with the motion (heading_from_motion) and measured velocities (point_motion) are applied
-    after this, by `fusion.heads.point_motion.finish_motion`.
+    Measured velocities (point_motion) and headings settled by the motion (heading_from_motion) and the map
+    (map_heading) are applied after this, by `fusion.heads.finish.finish_boxes`.
     """
     if max_boxes < 1:
         raise ValueError(f"decode_boxes: max_boxes must be >= 1, got {max_boxes}")
