@@ -101,13 +101,17 @@ def test_a_long_vehicle_moving_along_its_axis_is_not_taken_as_still():
        seed=st.integers(0, 2 ** 16))
 def test_any_planar_velocity_is_recovered_from_a_zero_start(speed, direction, yaw, seed):
     """Any speed up to 15 m/s in any direction: the first older sweep (0.15 s) then lies within search_m (2.4 m)
-    of a zero start. (Faster objects are beyond the first search; 19 m/s failed, as it should.)"""
+    of a zero start. (Faster objects are beyond the first search; 19 m/s failed, as it should.) An object slower
+    than 1 m/s may be taken as standing still (0.75 m/s moves a 4.8 m box by 0.34 m in 0.45 s, and zero
+    displacement keeps over 80 % of the votes: the still preference that keeps parked cars at 0)."""
     vx, vy = speed * math.cos(direction), speed * math.sin(direction)
     rng = np.random.default_rng(seed)
     box = ([-20.0, 12.0, 1.0], [4.8, 2.0, 1.6], yaw, [vx, vy])
     lidar = cloud(surface_points(rng, *box), ground_points(rng, 500))
     measured = measure_velocities(make_boxes([box[0]], [box[1]], [yaw], [[0.0, 0.0]]), lidar, None)
     assert measured.lidar_fit[0]
+    if speed < 1.0 and not measured.velocity[0].any():
+        return  # taken as standing still
     np.testing.assert_allclose(measured.velocity[0], [vx, vy], atol=0.5)
 
 
