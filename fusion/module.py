@@ -265,7 +265,8 @@ class FusionDetector(pl.LightningModule):
         self.modality_dropout = modality_dropout
         point_motion_settings(point_motion)  # ValueError naming an unknown field, at construction
         map_heading_settings(map_heading)
-        for name, speed in (("heading_from_motion", heading_from_motion), ("attribute_from_motion", attribute_from_motion)):
+        for name, speed in (("heading_from_motion", heading_from_motion),
+                            ("attribute_from_motion", attribute_from_motion)):
             if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))
                                       or not math.isfinite(speed) or speed < 0):
                 raise ValueError(f"FusionDetector.{name} must be a finite speed >= 0 (m/s) or None, got {speed!r}")
@@ -330,7 +331,8 @@ class FusionDetector(pl.LightningModule):
         boxes = decode_boxes(output, self.grid, threshold, self.hparams.get("max_boxes", 500),
                              self.hparams.get("pool_size", 3))
         return finish_boxes(boxes, batch, self.grid, point_motion_settings(self.hparams.get("point_motion")),
-                            self.hparams.get("heading_from_motion"), self.hparams.get("heading_from_motion_mode", "flip"),
+                            self.hparams.get("heading_from_motion"),
+                            self.hparams.get("heading_from_motion_mode", "flip"),
                             map_heading_settings(self.hparams.get("map_heading")),
                             self.hparams.get("attribute_from_motion"))
 

@@ -1,6 +1,7 @@
 """What happens to decoded boxes before they leave the detector: velocities measured from the points, then headings
-settled by the motion and by the map, and attributes that say "moving" where the box moves. Shared by the PyTorch model (FusionDetector.decode) and the onnxruntime
-detector (fusion.deploy.inputs.decode), so both give the same boxes."""
+settled by the motion and by the map, and attributes that say "moving" where the box moves. Shared by the PyTorch
+model (FusionDetector.decode) and the onnxruntime detector (fusion.deploy.inputs.decode), so both give the same
+boxes."""
 from __future__ import annotations
 
 from dataclasses import replace

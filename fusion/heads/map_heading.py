@@ -61,7 +61,8 @@ class MapHeadingSettings:
             raise ValueError(f"map_heading.classes must be a list of class names, got {self.classes!r}")
         unknown = sorted(set(self.classes) - set(DETECTION_CLASSES))
         if unknown:
-            raise ValueError(f"map_heading.classes: unknown class(es) {unknown}; expected names from {DETECTION_CLASSES}")
+            raise ValueError(f"map_heading.classes: unknown class(es) {unknown}; "
+                             f"expected names from {DETECTION_CLASSES}")
         object.__setattr__(self, "classes", tuple(self.classes))
         for name in ("reach_m", "step_m", "min_offset_m", "min_speed", "drivable_threshold"):
             value = getattr(self, name)
@@ -88,8 +89,8 @@ def road_side(centers: np.ndarray, yaw: np.ndarray, drivable: np.ndarray, grid: 
               settings: MapHeadingSettings) -> np.ndarray:
     """[N] signed lateral position (meters) of the middle of the drivable run beside each box, positive on the
     box's left (yaw + pi / 2), NaN where undecidable (no drivable sample within reach, or an edge of the run not
-    seen: the run reaches the end of the window or the edge of the grid). centers [N, 2] and yaw [N]: ego frame; drivable [H, W] bool on
-    `grid` (row = y, column = x)."""
+    seen: the run reaches the end of the window or the edge of the grid). centers [N, 2] and yaw [N]: ego frame;
+    drivable [H, W] bool on `grid` (row = y, column = x)."""
     offsets = np.arange(-settings.reach_m, settings.reach_m + 1e-9, settings.step_m)
     left = np.stack([-np.sin(yaw), np.cos(yaw)], axis=-1)
     samples = centers[:, None, :] + offsets[None, :, None] * left[:, None, :]

@@ -21,7 +21,8 @@ The LiDAR fit and the head's velocity are combined by their inverse variances (`
 fit, `head_sigma` for the head). The radar returns inside the box's footprint moved back along that velocity each
 measure v . u = r (u: unit line of sight from the ego origin, r: ego-motion compensated radial speed); those within
 `radar_gate_sigmas` of the prior correct its component along their mean line of sight by their median disagreement,
-weighted by the two uncertainties (a one-dimensional Kalman update: Doppler says nothing about the sideways motion). Frames: ego frame at the keyframe; meters, seconds, m/s.
+weighted by the two uncertainties (a one-dimensional Kalman update: Doppler says nothing about the sideways motion).
+Frames: ego frame at the keyframe; meters, seconds, m/s.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class PointMotionSettings:
     min_score: float = 0.0
 
     def __post_init__(self):
-        for name in ("search_m", "bin_m", "max_residual_m", "still_preference", "margin_m", "ground_clearance_m", "min_time_span_s",
+        for name in ("search_m", "bin_m", "max_residual_m", "still_preference", "margin_m", "ground_clearance_m",
+                     "min_time_span_s",
                      "lidar_sigma_floor", "head_sigma", "radar_sigma", "radar_gate_sigmas", "min_score"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name.endswith("sigma") and value == 0):
@@ -168,8 +170,8 @@ def _displacements(boxes: Boxes, template: tuple[np.ndarray, np.ndarray], candid
                    predicted: np.ndarray, settings: PointMotionSettings
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(displacement [N, 2] meters, votes [N], votes at zero displacement [N], votes at the peak [N]; the last two
-    3 x 3-smoothed, 0 at zero when it lies outside the window) of each box's points between the reference sweep (template: box
-    index [A], xy [A, 2]) and an older sweep (candidates: box index [C], xy [C, 2]), searched within
+    3 x 3-smoothed, 0 at zero when it lies outside the window) of each box's points between the reference sweep
+    (template: box index [A], xy [A, 2]) and an older sweep (candidates: box index [C], xy [C, 2]), searched within
     `settings.search_m` of predicted [N, 2]: every (template, candidate) pair of a box votes for the shift between
     them (a point-set cross-correlation: it does not depend on which parts of the surface each sweep happened to
     sample). The peak of the 3 x 3-smoothed vote histogram (the middle of its ridge) is refined to the mean shift of
