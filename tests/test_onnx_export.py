@@ -215,3 +215,42 @@ def test_segment_reductions_match_torch(tmp_path, rows):
         assert torch.allclose(got[:, :8].double(), expected[:, :8], rtol=1e-6, atol=1e-3)
         assert torch.equal(got[:, 8:], expected[:, 8:].float())
         assert not got[~occupied].any()  # empty segments are 0
+
+
+def test_a_malformed_export_spec_is_refused_naming_the_field():
+    """The spec is read from an ONNX file's metadata, i.e. untrusted: malformed JSON, unknown or missing fields, a
+    bad grid and decoding settings the decoder cannot use are ValueErrors that say what is wrong."""
+    from dataclasses import asdict
+
+    from fusion.deploy.spec import DecodeSettings, ExportSpec
+    from fusion.grid import BEVGrid
+
+    good = ExportSpec(grid=asdict(BEVGrid()), modalities=["lidar"], image_size=None, num_cameras=0, lidar_sweeps=3,
+                      radar_sweeps=None, decode=DecodeSettings(point_motion={}, map_heading={"traffic": "left"},
+                                                               attribute_from_motion=1.0))
+    assert ExportSpec.from_json(good.to_json()) == good
+
+    def spec_with(**changes) -> str:
+        values = json.loads(good.to_json())
+        for key, value in changes.items():
+            if key.startswith("decode_"):
+                values["decode"][key[len("decode_"):]] = value
+            else:
+                values[key] = value
+        return json.dumps(values)
+
+    cases = [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+             (spec_with(decode="fast"), "'decode' object"),
+             (spec_with(surprise=1), "surprise"),
+             (spec_with(grid={"cell_size": -1.0}), "cell_size"),
+             (spec_with(grid=[1, 2]), "grid must be an object"),
+             (spec_with(decode_max_boxes="many"), "decode.max_boxes"),
+             (spec_with(decode_score_threshold=float("nan")), "decode.score_threshold"),
+             (spec_with(decode_attribute_from_motion="1"), "decode.attribute_from_motion"),
+             (spec_with(decode_heading_from_motion_mode="sideways"), "heading_from_motion_mode"),
+             (spec_with(decode_point_motion={"search": 2.0}), "decode.point_motion"),
+             (spec_with(decode_map_heading={"traffic": "middle"}), "decode.map_heading"),
+             (spec_with(decode_map_heading="right"), "decode.map_heading")]
+    for text, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ExportSpec.from_json(text)

@@ -74,7 +74,10 @@ def read_spec(path: str | Path) -> ExportSpec:
     proto = onnx.load(str(path), load_external_data=False)
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
-            return ExportSpec.from_json(entry.value)
+            try:
+                return ExportSpec.from_json(entry.value)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
     raise ValueError(f"{path}: no {METADATA_KEY} metadata; export it with tools/export.py")
 
 

@@ -38,7 +38,10 @@ class OnnxDetector:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise ValueError(f"{path}: no {METADATA_KEY} metadata; export it with tools/export.py")
-        self.spec = ExportSpec.from_json(metadata[METADATA_KEY])
+        try:
+            self.spec = ExportSpec.from_json(metadata[METADATA_KEY])
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         self.grid = self.spec.bev_grid
         self.modalities = tuple(self.spec.modalities)
         self.score_threshold = score_threshold

@@ -8,6 +8,7 @@ one graph serves every subset of sensors.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from fusion.grid import BEVGrid
@@ -35,6 +36,33 @@ class DecodeSettings:
     point_motion: dict | None = None  # fusion.heads.point_motion.PointMotionSettings fields; None: off
     map_heading: dict | None = None  # fusion.heads.map_heading.MapHeadingSettings fields; None: off
     attribute_from_motion: float | None = None  # m/s; None: off (fusion.heads.decode.attributes_from_motion)
+
+    def check(self) -> None:
+        """ValueError naming the field whose value the decoding cannot use (the spec comes from a file)."""
+        from fusion.heads.map_heading import map_heading_settings
+        from fusion.heads.point_motion import point_motion_settings
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(self.score_threshold):
+            raise ValueError(f"decode.score_threshold must be a finite number, got {self.score_threshold!r}")
+        for name in ("max_boxes", "pool_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"decode.{name} must be an integer >= 1, got {value!r}")
+        for name in ("heading_from_motion", "attribute_from_motion"):
+            value = getattr(self, name)
+            if value is not None and not (number(value) and value >= 0):
+                raise ValueError(f"decode.{name} must be a speed >= 0 (m/s) or null, got {value!r}")
+        if self.heading_from_motion_mode not in ("direction", "flip"):
+            raise ValueError(f"decode.heading_from_motion_mode must be 'direction' or 'flip', got "
+                             f"{self.heading_from_motion_mode!r}")
+        for name, parse in (("point_motion", point_motion_settings), ("map_heading", map_heading_settings)):
+            try:
+                parse(getattr(self, name))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"decode.{name}: {error}") from None
 
 
 @dataclass
@@ -69,11 +97,27 @@ class ExportSpec:
 
     @staticmethod
     def from_json(text: str) -> "ExportSpec":
-        values = json.loads(text)
-        values["decode"] = DecodeSettings(**values["decode"])
-        if values.get("image_size") is not None:
-            values["image_size"] = tuple(values["image_size"])
-        return ExportSpec(**values)
+        """The spec from its JSON (an ONNX file's metadata: untrusted input). ValueError saying what is wrong for
+        malformed JSON, a missing or unknown field, a grid that is not a BEVGrid, or decoding settings the decoder
+        cannot use."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"export spec is not valid JSON: {error}") from None
+        if not isinstance(values, dict) or not isinstance(values.get("decode"), dict):
+            raise ValueError("export spec must be a JSON object with a 'decode' object")
+        try:
+            values["decode"] = DecodeSettings(**values["decode"])
+            if values.get("image_size") is not None:
+                values["image_size"] = tuple(values["image_size"])
+            spec = ExportSpec(**values)
+            if not isinstance(spec.grid, dict):
+                raise TypeError(f"grid must be an object, got {type(spec.grid).__name__}")
+            spec.bev_grid  # ValueError naming a bad grid field
+        except TypeError as error:
+            raise ValueError(f"export spec: {error}") from None
+        spec.decode.check()
+        return spec
 
 
 def input_names(modalities: list[str]) -> list[str]:
