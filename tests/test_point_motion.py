@@ -115,6 +115,43 @@ def test_any_planar_velocity_is_recovered_from_a_zero_start(speed, direction, ya
     np.testing.assert_allclose(measured.velocity[0], [vx, vy], atol=0.5)
 
 
+@pytest.mark.parametrize("yaw", [0.0, 1.571, 2.5])
+def test_the_joint_search_measures_what_the_sweep_by_sweep_fit_cannot(yaw):
+    """A car at 19 m/s along its heading, head velocity 0: the first older sweep (0.15 s) lies 2.85 m back, beyond
+    the sweep-by-sweep search (2.4 m per axis), so that fit finds nothing and, without the joint search, the head's 0 is
+    kept. Scoring every velocity against all sweeps at once recovers it. A parked car beside it stays still."""
+    rng = np.random.default_rng(5)
+    velocity = [19.0 * math.cos(yaw), 19.0 * math.sin(yaw)]
+    car = ([-15.0, 10.0, 0.9], [4.6, 1.9, 1.6], yaw, velocity)
+    parked = ([12.0, -8.0, 0.9], [4.6, 1.9, 1.6], yaw, [0.0, 0.0])
+    lidar = cloud(surface_points(rng, *car), surface_points(rng, *parked), ground_points(rng))
+    boxes = make_boxes([car[0], parked[0]], [car[1], parked[1]], [yaw, yaw], [[0.0, 0.0], [0.0, 0.0]])
+    without = measure_velocities(boxes, lidar, None, PointMotionSettings(joint_max_speed=0.0))
+    assert not without.lidar_fit[0] and not without.velocity[0].any()
+    measured = measure_velocities(boxes, lidar, None)
+    assert measured.lidar_fit.tolist() == [True, True]
+    np.testing.assert_allclose(measured.velocity[0], velocity, atol=1.0)
+    assert np.linalg.norm(measured.velocity[1]) < 0.3
+
+
+def test_the_joint_search_leaves_classes_without_velocity_alone_and_finds_still_objects():
+    """Barriers and traffic cones have no velocity in nuScenes: the joint search does not spend time on them (the
+    same fast points labelled barrier keep the head's velocity). A box whose points stand still is found still by
+    the joint search alone (called directly)."""
+    from fusion.heads.point_motion import _joint_fit
+    from fusion.types import DETECTION_CLASSES
+    rng = np.random.default_rng(6)
+    car = ([-15.0, 10.0, 0.9], [4.6, 1.9, 1.6], 0.0, [18.0, 0.0])
+    lidar = cloud(surface_points(rng, *car), ground_points(rng))
+    boxes = make_boxes([car[0]], [car[1]], [0.0], [[0.0, 0.0]])
+    barrier = replace(boxes, labels=torch.tensor([DETECTION_CLASSES.index("barrier")]))
+    assert not measure_velocities(barrier, lidar, None).lidar_fit[0]
+    still = cloud(surface_points(rng, car[0], car[1], 0.0, [0.0, 0.0]))
+    velocity, found = _joint_fit(boxes, still.double().numpy()[:, [0, 1, 2, 4]], np.array([True]),
+                                 PointMotionSettings())
+    assert found[0] and not velocity[0].any()
+
+
 def test_unsupported_fit_keeps_the_heads_velocity():
     rng = np.random.default_rng(1)
     box = ([5.0, 5.0, 0.9], [4.0, 1.8, 1.5], 0.0, [3.0, 0.0])
@@ -183,6 +220,12 @@ def test_no_boxes_and_settings_errors():
         PointMotionSettings(margin_m=-1.0)
     with pytest.raises(ValueError, match="radar_sigma"):
         PointMotionSettings(radar_sigma=0.0)
+    with pytest.raises(ValueError, match="joint_speed_bin"):
+        PointMotionSettings(joint_speed_bin=0.0)
+    with pytest.raises(ValueError, match="joint_sigma"):
+        PointMotionSettings(joint_sigma=0.0)
+    with pytest.raises(ValueError, match="joint_candidate_points"):
+        PointMotionSettings(joint_candidate_points=0)
 
 
 class _Batch:

@@ -17,6 +17,11 @@ happened to sample, which a centroid does). The velocity is the least-squares li
 displacement against time lag, updated after each sweep. A fit whose displacements stray from a constant velocity
 by more than `max_residual_m` matched something else (a neighbour, a wall) and is not used. The object stands still
 instead when zero displacement collects nearly as many votes over all the sweeps (`still_preference`).
+Where that fit finds nothing (one wrong early match sends the later searches astray: a vehicle moving along its own
+axis matches its long sides at many shifts; or the object moved beyond the first search), the joint search
+(`_joint_fit`) scores every velocity on a grid in the box's frame against all sweeps at once and keeps a clear,
+unique winner, refined by the sweep-by-sweep fit started from it. The two halves of a truck-trailer rig then share
+the better of their measurements (`fusion.heads.rigs`).
 The LiDAR fit and the head's velocity are combined by their inverse variances (`lidar_sigma_floor` at least for the
 fit, `head_sigma` for the head). The radar returns inside the box's footprint moved back along that velocity each
 measure v . u = r (u: unit line of sight from the ego origin, r: ego-motion compensated radial speed); those within
@@ -33,10 +38,13 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from fusion.types import LIDAR_FEATURES, RADAR_FEATURES, Batch, Boxes
+from fusion.heads.rigs import share_rig_velocities
+from fusion.types import DETECTION_CLASSES, LIDAR_FEATURES, RADAR_FEATURES, Batch, Boxes
 
 _LX, _LY, _LZ, _LT = (LIDAR_FEATURES.index(name) for name in ("x", "y", "z", "time_lag"))
 _RX, _RY, _RVX, _RVY, _RT = (RADAR_FEATURES.index(name) for name in ("x", "y", "vx_comp", "vy_comp", "time_lag"))
+# classes nuScenes gives no velocity (the devkit does not score it): the joint search leaves them out (its cost)
+_NO_VELOCITY_LABELS = [DETECTION_CLASSES.index(name) for name in ("barrier", "traffic_cone")]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,21 @@ class PointMotionSettings:
     min_score: boxes scoring below this keep the head's velocity (bounds the cost when many weak boxes are kept).
         Default 0, every box: the devkit scores low-scoring boxes too, and on the selection drives 0.1 left every
         matched trailer (all below 0.1) with the head's velocity, mAVE 0.74 -> 1.79 m/s.
+    joint_max_speed: the joint search (`_joint_fit`, for boxes the sweep-by-sweep fit leaves without a velocity)
+        tries velocities up to this fast along the box's heading (m/s); 0 switches the search off.
+    joint_max_across: and up to this fast across it (m/s); joint_speed_bin: the velocity grid's step (m/s).
+    joint_still_preference: the joint search takes the object as standing still when zero velocity scores at least
+        this share of the best velocity's score.
+    joint_min_sweep_share: the best velocity must reach at least this share of the vote peak in every older sweep
+        that holds points of the object (a velocity that only one sweep supports matched something else).
+    joint_unique_ratio / joint_unique_radius: the best velocity must also beat every velocity farther than
+        joint_unique_radius (m/s) from it: their best score may be at most joint_unique_ratio of its (a second,
+        distant answer nearly as good is the aperture problem's ambiguity, not a measurement).
+    joint_sigma: uncertainty (m/s, per axis) given to a joint-search velocity.
+    joint_template_points / joint_candidate_points: at most this many points per box of the newest / of an older
+        sweep take part in the joint search.
+    rig_max_gap_m: a trailer and a truck lying end to end with at most this gap (meters) are one rig and
+        share the better of their two LiDAR measurements (`fusion.heads.rigs`); 0 switches it off.
     """
 
     search_m: float = 2.4
@@ -88,22 +111,39 @@ class PointMotionSettings:
     radar_gate_sigmas: float = 3.0
     use_radar: bool = True
     min_score: float = 0.0
+    joint_max_speed: float = 20.0
+    joint_max_across: float = 3.0
+    joint_speed_bin: float = 0.25
+    joint_still_preference: float = 0.6
+    joint_min_sweep_share: float = 0.6
+    joint_unique_ratio: float = 0.9
+    joint_unique_radius: float = 2.0
+    joint_sigma: float = 1.0
+    joint_template_points: int = 32
+    joint_candidate_points: int = 256
+    rig_max_gap_m: float = 2.5
 
     def __post_init__(self):
         for name in ("search_m", "bin_m", "max_residual_m", "still_preference", "margin_m", "ground_clearance_m",
-                     "min_time_span_s",
-                     "lidar_sigma_floor", "head_sigma", "radar_sigma", "radar_gate_sigmas", "min_score"):
+                     "min_time_span_s", "lidar_sigma_floor", "head_sigma", "radar_sigma", "radar_gate_sigmas",
+                     "min_score", "joint_max_speed", "joint_max_across", "joint_still_preference",
+                     "joint_min_sweep_share", "joint_unique_ratio", "joint_unique_radius", "joint_sigma",
+                     "rig_max_gap_m"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name.endswith("sigma") and value == 0):
                 raise ValueError(f"PointMotionSettings.{name} must be a finite number > 0 (>= 0 for margins), "
                                  f"got {value}")
+        if not np.isfinite(self.joint_speed_bin) or self.joint_speed_bin <= 0:
+            raise ValueError(f"PointMotionSettings.joint_speed_bin must be a finite number > 0, got "
+                             f"{self.joint_speed_bin}")
         if self.bin_m <= 0 or self.search_m < self.bin_m:
             raise ValueError(f"PointMotionSettings: bin_m must be > 0 and search_m >= bin_m, got {self.bin_m} and "
                              f"{self.search_m}")
         if not 0 < self.ridge_fraction <= 1 or self.ridge_bins < 0:
             raise ValueError(f"PointMotionSettings: ridge_fraction must be in (0, 1] and ridge_bins >= 0, got "
                              f"{self.ridge_fraction} and {self.ridge_bins}")
-        for name in ("min_points", "min_votes", "max_template_points", "max_candidate_points"):
+        for name in ("min_points", "min_votes", "max_template_points", "max_candidate_points",
+                     "joint_template_points", "joint_candidate_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PointMotionSettings.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -295,6 +335,148 @@ def _lidar_fit(boxes: Boxes, points: np.ndarray, velocity: np.ndarray, settings:
     return velocity, sigma, used, supported
 
 
+def _box_frame_points(boxes: Boxes, xy: np.ndarray, z: np.ndarray, grow_along: np.ndarray, grow_across: np.ndarray,
+                      clearance: float, margin: float, cap: int, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(box index [K], (along, across) [K, 2] meters in the box's frame) of at most `cap` points per box of one sweep
+    (xy [P, 2], z [P], ego frame) inside each box's footprint grown by grow_along / grow_across [N] (meters, each
+    side), above its bottom + clearance and below its top + margin; sorted by box."""
+    if len(xy) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2))
+    centers = boxes.center.numpy()[:, :2].astype(np.float64)
+    size = boxes.size.numpy().astype(np.float64)
+    radii = 0.5 * np.hypot(size[:, 0] + 2 * grow_along, size[:, 1] + 2 * grow_across)
+    box, point = _pairs(cKDTree(xy), centers, radii)
+    yaw = boxes.yaw.numpy().astype(np.float64)[box]
+    offset = xy[point] - centers[box]
+    along = offset[:, 0] * np.cos(yaw) + offset[:, 1] * np.sin(yaw)
+    across = -offset[:, 0] * np.sin(yaw) + offset[:, 1] * np.cos(yaw)
+    bottom = boxes.center.numpy()[box, 2] - size[box, 2] / 2
+    keep = ((np.abs(along) <= size[box, 0] / 2 + grow_along[box])
+            & (np.abs(across) <= size[box, 1] / 2 + grow_across[box])
+            & (z[point] >= bottom + clearance) & (z[point] <= bottom + size[box, 2] + margin))
+    box, local = box[keep], np.stack([along[keep], across[keep]], 1)
+    chosen = _capped(box, cap, rng)
+    return box[chosen], local[chosen]
+
+
+def _joint_fit(boxes: Boxes, points: np.ndarray, todo: np.ndarray, settings: PointMotionSettings
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(velocity [N, 2] m/s ego frame, found [N] bool) of the boxes marked in todo [N], from every sweep at once.
+
+    The sweep-by-sweep fit (`_lidar_fit`) searches each older sweep around where the sweeps before it put the
+    object, so one wrong early match (the aperture problem: a vehicle moving along its own axis overlaps itself, and
+    its long sides match at many shifts along it) sends the later searches astray, the displacements disagree and
+    no velocity is kept. Here every velocity on a grid in the box's frame (along its heading up to
+    joint_max_speed, across up to joint_max_across, joint_speed_bin steps) is scored at once: the score is the sum
+    over the older sweeps of that sweep's (template point, older point) vote histogram at the displacement the
+    velocity predicts (velocity x time lag), each histogram divided by its own peak. The true velocity is the only
+    one that all sweeps support; a side's ridge of shifts scales with the lag and agrees only there. The object
+    stands still when zero velocity scores at least joint_still_preference of the best. A best velocity is not kept
+    when some sweep holding the object's points gives it less than joint_min_sweep_share of its peak, or when a
+    velocity farther than joint_unique_radius from it scores more than joint_unique_ratio of it (two answers: a
+    box shorter than its object, a long side seen without its ends)."""
+    n = len(boxes)
+    velocity, found = np.zeros((n, 2)), np.zeros(n, dtype=bool)
+    index = np.flatnonzero(todo)
+    if len(index) == 0 or len(points) == 0:
+        return velocity, found
+    part = boxes.select(torch.from_numpy(np.asarray(todo, dtype=bool)))
+    m = len(index)
+    rng = np.random.default_rng(0)
+    lags, sweep_of_point = np.unique(np.round(points[:, 3], 3), return_inverse=True)
+    step = settings.joint_speed_bin
+    speeds_along = np.arange(-settings.joint_max_speed, settings.joint_max_speed + step / 2, step)
+    speeds_across = np.arange(-settings.joint_max_across, settings.joint_max_across + step / 2, step)
+    grid_along, grid_across = np.meshgrid(speeds_along, speeds_across, indexing="ij")  # [A, C] m/s, box frame
+
+    def sweep_points(sweep: int, grow_along: float, grow_across: float, cap: int):
+        mine = sweep_of_point == sweep
+        return _box_frame_points(part, points[mine, :2], points[mine, 2], np.full(m, grow_along),
+                                 np.full(m, grow_across), settings.ground_clearance_m, settings.margin_m, cap, rng)
+
+    t_box, t_local = sweep_points(0, settings.margin_m, settings.margin_m, settings.joint_template_points)
+    has_template = np.bincount(t_box, minlength=m) >= settings.min_points
+    score = np.zeros((m,) + grid_along.shape)
+    weakest = np.full((m,) + grid_along.shape, np.inf)  # the lowest share of its peak any sweep gives a velocity
+    still = np.zeros(m)
+    sweeps_seen = np.zeros(m, dtype=np.int64)
+    for sweep in range(1, len(lags)):
+        lag = lags[sweep] - lags[0]
+        reach_along, reach_across = settings.joint_max_speed * lag, settings.joint_max_across * lag
+        c_box, c_local = sweep_points(sweep, settings.margin_m + reach_along, settings.margin_m + reach_across,
+                                      settings.joint_candidate_points)
+        if len(t_box) == 0 or len(c_box) == 0:
+            continue
+        first, second = _group_pairs(t_box, c_box, m)
+        box = t_box[first]
+        shift = c_local[second] - t_local[first]  # older minus newest: -velocity x lag, box frame
+        half = np.ceil(np.array([reach_along, reach_across]) / settings.bin_m).astype(np.int64) + 1
+        cell = np.floor(shift / settings.bin_m + 0.5).astype(np.int64) + half
+        inside = ((cell >= 0) & (cell <= 2 * half)).all(1)
+        box, cell = box[inside], cell[inside]
+        shape = tuple(2 * half + 1)
+        histogram = np.bincount((box * shape[0] + cell[:, 0]) * shape[1] + cell[:, 1],
+                                minlength=m * shape[0] * shape[1])
+        histogram = histogram.reshape((m,) + shape).astype(np.float64)
+        padded = np.pad(histogram, ((0, 0), (1, 1), (1, 1)))
+        smoothed = sum(padded[:, 1 + da:1 + da + shape[0], 1 + dc:1 + dc + shape[1]]
+                       for da in (-1, 0, 1) for dc in (-1, 0, 1))
+        peak = smoothed.reshape(m, -1).max(1)
+        seen = peak > 0
+        share = smoothed / np.maximum(peak, 1.0)[:, None, None]
+        rows = np.clip(np.rint(-grid_along * lag / settings.bin_m).astype(np.int64) + half[0], 0, shape[0] - 1)
+        cols = np.clip(np.rint(-grid_across * lag / settings.bin_m).astype(np.int64) + half[1], 0, shape[1] - 1)
+        sampled = share[:, rows, cols]  # [m, A, C]
+        score += sampled
+        weakest = np.where(seen[:, None, None], np.minimum(weakest, sampled), weakest)
+        still += share[:, half[0], half[1]]
+        sweeps_seen += seen
+    best = score.reshape(m, -1).argmax(1)
+    rows = np.arange(m)
+    best_score = score.reshape(m, -1)[rows, best]
+    usable = has_template & (sweeps_seen >= 2) & (best_score > 0)
+    standing = usable & (still >= settings.joint_still_preference * best_score)
+    # the best velocity must stand out from every distant one (else the sides matched at several shifts)
+    best_along, best_across = np.unravel_index(best, grid_along.shape)
+    radius = int(round(settings.joint_unique_radius / step))
+    index_along, index_across = np.meshgrid(np.arange(grid_along.shape[0]), np.arange(grid_along.shape[1]),
+                                            indexing="ij")
+    near = ((np.abs(index_along[None] - best_along[:, None, None]) <= radius)
+            & (np.abs(index_across[None] - best_across[:, None, None]) <= radius))
+    runner_up = np.where(near, -np.inf, score).reshape(m, -1).max(1)
+    unique = runner_up <= settings.joint_unique_ratio * best_score
+    moving = (usable & ~standing & unique
+              & (weakest.reshape(m, -1)[rows, best] >= settings.joint_min_sweep_share))
+    along, across = grid_along.reshape(-1)[best], grid_across.reshape(-1)[best]
+    yaw = part.yaw.numpy().astype(np.float64)
+    local = np.where(moving[:, None], np.stack([along, across], 1), 0.0)
+    velocity[index] = np.stack([local[:, 0] * np.cos(yaw) - local[:, 1] * np.sin(yaw),
+                                local[:, 0] * np.sin(yaw) + local[:, 1] * np.cos(yaw)], 1)
+    found[index] = standing | moving
+    return velocity, found
+
+
+def _refined(boxes: Boxes, points: np.ndarray, velocity: np.ndarray, todo: np.ndarray, settings: PointMotionSettings
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(velocity [N, 2] m/s, its uncertainty [N] m/s per axis): the joint search's velocity of the boxes marked in
+    todo refined by the sweep-by-sweep fit started from it (the grid is coarse for the oldest sweeps' resolution),
+    with that fit's uncertainty (at least lidar_sigma_floor); joint_sigma and the joint velocity unchanged where the
+    fit is not supported, stands still or strays more than joint_unique_radius from it."""
+    sigma = np.full(len(velocity), settings.joint_sigma)
+    index = np.flatnonzero(todo)
+    if len(index) == 0:
+        return velocity, sigma
+    part = boxes.select(torch.from_numpy(np.asarray(todo, dtype=bool)))
+    fitted, fit_sigma, _, supported = _lidar_fit(part, points, velocity[index].copy(), settings)
+    keep = (supported & fitted.any(1)
+            & (np.linalg.norm(fitted - velocity[index], axis=1) <= settings.joint_unique_radius))
+    refined = velocity.copy()
+    refined[index[keep]] = fitted[keep]
+    sigma[index[keep]] = np.maximum(fit_sigma[keep], settings.lidar_sigma_floor)
+    return refined, sigma
+
+
 def _radar_update(boxes: Boxes, radar: np.ndarray, prior: np.ndarray, prior_sigma: np.ndarray,
                   settings: PointMotionSettings) -> tuple[np.ndarray, np.ndarray]:
     """(velocity [N, 2], returns used [N]): the prior velocity [N, 2] (per-axis sigma [N]) updated with the radial
@@ -373,8 +555,19 @@ def _measure(boxes: Boxes, head: np.ndarray, lidar_points: Tensor | None, radar_
         lidar = lidar_points.detach().cpu().double().numpy()[:, [_LX, _LY, _LZ, _LT]]
         lidar = lidar[np.isfinite(lidar).all(1) & (lidar[:, 3] >= 0)]
     velocity, sigma, used, supported = _lidar_fit(boxes, lidar, head.copy(), settings)
-    # the LiDAR fit and the head's velocity, each weighted by its inverse variance
     lidar_sigma = np.where(supported, np.maximum(sigma, settings.lidar_sigma_floor), np.inf)
+    if settings.joint_max_speed > 0:
+        movable = ~np.isin(boxes.labels.numpy(), _NO_VELOCITY_LABELS)
+        todo = ~supported & (used >= settings.min_points) & movable
+        joint_velocity, found = _joint_fit(boxes, lidar, todo, settings)
+        joint_velocity, joint_sigma = _refined(boxes, lidar, joint_velocity, found & joint_velocity.any(1), settings)
+        velocity = np.where(found[:, None], joint_velocity, velocity)
+        lidar_sigma = np.where(found, joint_sigma, lidar_sigma)
+        supported = supported | found
+    if settings.rig_max_gap_m > 0:
+        velocity, lidar_sigma = share_rig_velocities(boxes, velocity, lidar_sigma, settings.rig_max_gap_m)
+        supported = np.isfinite(lidar_sigma)
+    # the LiDAR fit and the head's velocity, each weighted by its inverse variance
     lidar_weight, head_weight = 1.0 / lidar_sigma ** 2, 1.0 / settings.head_sigma ** 2
     velocity = (np.where(supported[:, None], velocity, 0.0) * lidar_weight[:, None] + head * head_weight) / (
         lidar_weight + head_weight)[:, None]
