@@ -89,7 +89,7 @@ def step_generate(args) -> "object":
     if not args.force and generated_matches(args.data, config):
         print(f"[main] 1/5 synthetic drives already in {args.data} (seed {args.seed}); skipping generation")
     else:
-        print(f"[main] 1/5 generating the default synthetic drives into {args.data}")
+        print(f"[main] 1/5 generating {config.scenes} scenes of synthetic drives (seed {args.seed}) into {args.data}")
         command = [sys.executable, "tools/make_synthetic.py", "--out", args.data, "--seed", args.seed, "--overwrite"]
         if args.scenes:
             command += ["--scenes", args.scenes]
