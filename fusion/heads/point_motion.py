@@ -169,16 +169,22 @@ def _pairs(tree: cKDTree, centers: np.ndarray, radii: np.ndarray) -> tuple[np.nd
     return boxes, points
 
 
+def _box_frame(boxes: Boxes, box: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(along, across) [K, 2] meters of points xy [K, 2] (ego frame) in the frame of box[K]: from its centre, along
+    its heading and to its left."""
+    offset = xy - boxes.center.numpy()[box, :2]
+    yaw = boxes.yaw.numpy()[box]
+    cos, sin = np.cos(yaw), np.sin(yaw)
+    return np.stack([offset[:, 0] * cos + offset[:, 1] * sin, -offset[:, 0] * sin + offset[:, 1] * cos], 1)
+
+
 def _inside(boxes: Boxes, box: np.ndarray, xy: np.ndarray, z: np.ndarray | None, margin: float,
             clearance: float = 0.0) -> np.ndarray:
     """Which (box, point) pairs lie inside the box footprint grown by margin (meters) and, unless z is None, above
     its bottom + clearance and below its top + margin. xy [K, 2], z [K] in the ego frame; box [K] box index."""
     center = boxes.center.numpy()[box]
     size = boxes.size.numpy()[box]
-    yaw = boxes.yaw.numpy()[box]
-    dx, dy = xy[:, 0] - center[:, 0], xy[:, 1] - center[:, 1]
-    cos, sin = np.cos(yaw), np.sin(yaw)
-    along, across = dx * cos + dy * sin, -dx * sin + dy * cos
+    along, across = _box_frame(boxes, box, xy).T
     inside = (np.abs(along) <= size[:, 0] / 2 + margin) & (np.abs(across) <= size[:, 1] / 2 + margin)
     if z is None:
         return inside
@@ -347,10 +353,7 @@ def _box_frame_points(boxes: Boxes, xy: np.ndarray, z: np.ndarray, grow_along: n
     size = boxes.size.numpy().astype(np.float64)
     radii = 0.5 * np.hypot(size[:, 0] + 2 * grow_along, size[:, 1] + 2 * grow_across)
     box, point = _pairs(cKDTree(xy), centers, radii)
-    yaw = boxes.yaw.numpy().astype(np.float64)[box]
-    offset = xy[point] - centers[box]
-    along = offset[:, 0] * np.cos(yaw) + offset[:, 1] * np.sin(yaw)
-    across = -offset[:, 0] * np.sin(yaw) + offset[:, 1] * np.cos(yaw)
+    along, across = _box_frame(boxes, box, xy[point]).T
     bottom = boxes.center.numpy()[box, 2] - size[box, 2] / 2
     keep = ((np.abs(along) <= size[box, 0] / 2 + grow_along[box])
             & (np.abs(across) <= size[box, 1] / 2 + grow_across[box])
@@ -425,9 +428,9 @@ def _joint_fit(boxes: Boxes, points: np.ndarray, todo: np.ndarray, settings: Poi
         peak = smoothed.reshape(m, -1).max(1)
         seen = peak > 0
         share = smoothed / np.maximum(peak, 1.0)[:, None, None]
-        rows = np.clip(np.rint(-grid_along * lag / settings.bin_m).astype(np.int64) + half[0], 0, shape[0] - 1)
-        cols = np.clip(np.rint(-grid_across * lag / settings.bin_m).astype(np.int64) + half[1], 0, shape[1] - 1)
-        sampled = share[:, rows, cols]  # [m, A, C]
+        cell_along = np.clip(np.rint(-grid_along * lag / settings.bin_m).astype(np.int64) + half[0], 0, shape[0] - 1)
+        cell_across = np.clip(np.rint(-grid_across * lag / settings.bin_m).astype(np.int64) + half[1], 0, shape[1] - 1)
+        sampled = share[:, cell_along, cell_across]  # [m, A, C]
         score += sampled
         weakest = np.where(seen[:, None, None], np.minimum(weakest, sampled), weakest)
         still += share[:, half[0], half[1]]
