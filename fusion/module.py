@@ -191,6 +191,8 @@ class FusionDetector(pl.LightningModule):
             {"traffic": "left"}; None: off). Applied after heading_from_motion, to the boxes it leaves alone.
         attribute_from_motion: m/s; a box moving at least that fast (after point_motion) gets its class's moving
             attribute (vehicle.moving, cycle.with_rider, pedestrian.moving); None: the head's attribute as it is.
+        vru_heading_from_motion: m/s; a pedestrian, bicycle or motorcycle moving at least that fast (after
+            point_motion) faces the direction of its motion (fusion.heads.decode.vru_headings_from_motion); None: off.
         gaussian_overlap / min_radius: target heatmap Gaussians (CenterPoint's gaussian_radius).
     """
 
@@ -217,6 +219,7 @@ class FusionDetector(pl.LightningModule):
         point_motion: dict | None = None,
         map_heading: dict | None = None,
         attribute_from_motion: float | None = None,
+        vru_heading_from_motion: float | None = None,
         gaussian_overlap: float = 0.1,
         min_radius: int = 2,
     ):
@@ -266,7 +269,8 @@ class FusionDetector(pl.LightningModule):
         point_motion_settings(point_motion)  # ValueError naming an unknown field, at construction
         map_heading_settings(map_heading)
         for name, speed in (("heading_from_motion", heading_from_motion),
-                            ("attribute_from_motion", attribute_from_motion)):
+                            ("attribute_from_motion", attribute_from_motion),
+                            ("vru_heading_from_motion", vru_heading_from_motion)):
             if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))
                                       or not math.isfinite(speed) or speed < 0):
                 raise ValueError(f"FusionDetector.{name} must be a finite speed >= 0 (m/s) or None, got {speed!r}")
@@ -334,7 +338,7 @@ class FusionDetector(pl.LightningModule):
                             self.hparams.get("heading_from_motion"),
                             self.hparams.get("heading_from_motion_mode", "flip"),
                             map_heading_settings(self.hparams.get("map_heading")),
-                            self.hparams.get("attribute_from_motion"))
+                            self.hparams.get("attribute_from_motion"), self.hparams.get("vru_heading_from_motion"))
 
     # ---------------------------------------------------------------- training
     def compute_losses(self, batch: Batch, present: dict[str, Tensor] | None = None

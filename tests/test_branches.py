@@ -107,6 +107,9 @@ BRANCHES = {
     "lidar_pillar_motion": lambda grid=GRID: LidarPillarBranch(grid, out_channels=8, pillar_upsample=2,
                                                                pillar_channels=8, hidden_channels=8, bev_blocks=1,
                                                                time_slices=4, time_slice_s=0.15),
+    "lidar_pillar_flow": lambda grid=GRID: LidarPillarBranch(grid, out_channels=8, pillar_upsample=2,
+                                                             pillar_channels=8, hidden_channels=8, bev_blocks=1,
+                                                             time_slices=4, time_slice_s=0.15, flow={}),
     "lidar_motion": lambda grid=GRID: small_lidar(grid, time_slices=3, time_slice_s=0.2),
     "camera_depth_supervised": lambda grid=GRID: small_camera(grid, depth_loss_weight=1.0),
     "radar": lambda grid=GRID: RadarBranch(grid, out_channels=8, pillar_channels=8, hidden_channels=8, bev_blocks=1),
@@ -451,7 +454,8 @@ def test_branch_arguments_are_plain_types_for_yaml_configs():
         for parameter in parameters[1:]:
             assert parameter.default is not inspect.Parameter.empty, f"{cls.__name__}.{parameter.name}"
             values = parameter.default if isinstance(parameter.default, tuple) else (parameter.default,)
-            assert all(isinstance(v, (int, float, bool, str)) for v in values), f"{cls.__name__}.{parameter.name}"
+            plain = (int, float, bool, str, type(None))
+            assert all(isinstance(v, plain) for v in values), f"{cls.__name__}.{parameter.name}"
 
 
 def test_bad_branch_options_raise_clear_errors():

@@ -152,10 +152,11 @@ def test_the_model_and_the_export_apply_the_map_prior(tiny):
     data.setup("validate")
     batch = collate_samples([data.datasets["val"][0]])
     assert bool(batch.present["gps"][0]) and batch.map_raster.shape[-2:] == model.grid.shape
-    names = ("point_motion", "heading_from_motion", "map_heading", "attribute_from_motion")
+    names = ("point_motion", "heading_from_motion", "map_heading", "attribute_from_motion", "vru_heading_from_motion")
     saved = {name: model.hparams.get(name) for name in names}
     try:
-        model.hparams.update(point_motion=None, heading_from_motion=None, map_heading=None, attribute_from_motion=None)
+        model.hparams.update(point_motion=None, heading_from_motion=None, map_heading=None, attribute_from_motion=None,
+                             vru_heading_from_motion=None)
         plain, _ = model.predict(batch, score_threshold=0.0)
         model.hparams.update(map_heading={"classes": list(DETECTION_CLASSES)}, attribute_from_motion=0.0)
         with_map, _ = model.predict(batch, score_threshold=0.0)

@@ -13,7 +13,7 @@ from fusion.branches.depth_supervision import NO_DEPTH, depth_loss, lidar_depth_
 from fusion.datasets.collate import collate_samples
 from fusion.datasets.sample_builder import SampleBuilder
 from fusion.grid import BEVGrid
-from fusion.heads.decode import align_heading_with_motion, attributes_from_motion
+from fusion.heads.decode import align_heading_with_motion, attributes_from_motion, vru_headings_from_motion
 from fusion.replay.policy import SyncPolicy
 from fusion.types import LIDAR_NAME
 
@@ -81,6 +81,23 @@ def test_heading_follows_a_clear_motion_only():
     assert (direction.abs() <= math.pi + 1e-6).all()
     with pytest.raises(ValueError, match="mode"):
         align_heading_with_motion(yaw, velocity, 1.0, mode="average")
+
+
+def test_pedestrians_and_two_wheelers_face_their_motion():
+    """A walking pedestrian or a moving bicycle / motorcycle takes the direction of its motion, whatever the head's
+    axis said (even 90 degrees off); a slower one, and any other class, keeps its yaw."""
+    from fusion.types import DETECTION_CLASSES
+
+    names = ["pedestrian", "bicycle", "motorcycle", "pedestrian", "car", "trailer"]
+    labels = torch.tensor([DETECTION_CLASSES.index(name) for name in names])
+    yaw = torch.tensor([math.pi / 2, 0.0, 3.0, 1.0, math.pi / 2, 0.0])
+    velocity = torch.tensor([[1.2, 0.0], [0.0, -3.0], [-6.0, -0.1], [0.3, 0.2], [5.0, 0.0], [-8.0, 0.0]])
+    result = vru_headings_from_motion(yaw, velocity, labels, min_speed=0.5)
+    assert result[0] == pytest.approx(0.0)                      # walking along +x, the head said +y
+    assert result[1] == pytest.approx(-math.pi / 2)
+    assert result[2] == pytest.approx(math.atan2(-0.1, -6.0))
+    assert result[3] == pytest.approx(1.0)                      # 0.36 m/s: too slow to tell, kept
+    assert result[4] == pytest.approx(math.pi / 2) and result[5] == pytest.approx(0.0)  # vehicles: left alone
 
 
 def test_attributes_state_the_measured_motion():

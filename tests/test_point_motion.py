@@ -261,10 +261,11 @@ def test_the_model_measures_velocities_after_decoding(tiny):
     model, data = tiny
     data.setup("validate")
     batch = collate_samples([data.datasets["val"][0]])
-    names = ("point_motion", "heading_from_motion", "map_heading", "attribute_from_motion")
+    names = ("point_motion", "heading_from_motion", "map_heading", "attribute_from_motion", "vru_heading_from_motion")
     saved = {name: model.hparams.get(name) for name in names}
     try:
-        model.hparams.update(point_motion=None, heading_from_motion=None, map_heading=None, attribute_from_motion=None)
+        model.hparams.update(point_motion=None, heading_from_motion=None, map_heading=None, attribute_from_motion=None,
+                             vru_heading_from_motion=None)
         head_only, _ = model.predict(batch, score_threshold=0.0)
         model.hparams.update(point_motion=asdict(PointMotionSettings()), heading_from_motion=1.0)
         measured, _ = model.predict(batch, score_threshold=0.0)

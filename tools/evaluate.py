@@ -87,10 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="boxes moving at least 1 m/s get their class's moving attribute "
                              "(fusion.heads.decode.attributes_from_motion): as the checkpoint's config says (model), "
                              "off, or on")
+    parser.add_argument("--vru-heading-from-motion", choices=("model", "off", "on"), default="model",
+                        help="pedestrians, bicycles and motorcycles moving at least 0.5 m/s face their motion "
+                             "(fusion.heads.decode.vru_headings_from_motion): as the checkpoint's config says "
+                             "(model), off, or on")
     args = parser.parse_args(argv)
     if args.results and args.robustness:
         parser.error("--robustness needs --checkpoint (it runs the model under each condition)")
-    for flag in ("point_motion", "map_heading", "attribute_from_motion"):
+    for flag in ("point_motion", "map_heading", "attribute_from_motion", "vru_heading_from_motion"):
         if args.results and getattr(args, flag) != "model":
             parser.error(f"--{flag.replace('_', '-')} is only used with --checkpoint")
     if args.results and args.config:
@@ -145,6 +149,8 @@ def load_model(args: argparse.Namespace):
         model_overrides["map_heading"] = None if args.map_heading == "off" else {"traffic": args.map_heading}
     if args.attribute_from_motion != "model":
         model_overrides["attribute_from_motion"] = 1.0 if args.attribute_from_motion == "on" else None
+    if args.vru_heading_from_motion != "model":
+        model_overrides["vru_heading_from_motion"] = 0.5 if args.vru_heading_from_motion == "on" else None
     data_overrides = {k: v for k, v in (("val_batch_size", args.batch_size), ("num_workers", args.num_workers))
                       if v is not None}
     data_overrides["cache_dir"] = str(args.cache_dir or Path(args.out) / "cache")

@@ -20,6 +20,7 @@ from torch import nn
 import spconv.pytorch as spconv
 from fusion.branches.common import (BEVEncoder, Downsample, PillarEncoder, PointMLP, check_power_of_two,
                                     time_slice_occupancy)
+from fusion.branches.occupancy_flow import above_ground, flow_channels, flow_from_slices, flow_settings
 from fusion.cuda_ops import hard_voxelize
 from fusion.grid import BEVGrid
 from fusion.sparse import SingleThreadSparse
@@ -181,13 +182,17 @@ class LidarPillarBranch(nn.Module):
     Pillars are `grid.cell_size / pillar_upsample` wide (a power of two) and span grid.z_min..z_max; stride-2 convs
     bring finer pillars back to the grid. Points outside the grid or non-finite are dropped. With `time_slices` > 0
     the per-sweep occupancy (`time_slice_occupancy`, slices `time_slice_s` seconds apart) is stacked onto the pillar
-    features, so that the convs see where each object was at each sweep (its motion).
+    features, so that the convs see where each object was at each sweep (its motion). With `flow` (FlowSettings
+    fields; {} for the defaults; needs time_slices >= 2) the velocity block-matched between the newest and the oldest
+    slice's above-ground occupancy on the grid (`fusion.branches.occupancy_flow`) is stacked onto the BEV encoder's
+    input as `flow_channels` more channels.
     """
 
     modality = "lidar"
 
     def __init__(self, grid: BEVGrid, out_channels: int = 64, pillar_upsample: int = 1, pillar_channels: int = 64,
-                 hidden_channels: int = 32, bev_blocks: int = 2, time_slices: int = 0, time_slice_s: float = 0.15):
+                 hidden_channels: int = 32, bev_blocks: int = 2, time_slices: int = 0, time_slice_s: float = 0.15,
+                 flow: dict | None = None):
         super().__init__()
         check_power_of_two(pillar_upsample, "LidarPillarBranch pillar_upsample")
         self.grid = grid
@@ -197,8 +202,12 @@ class LidarPillarBranch(nn.Module):
         self.time_slices, self.time_slice_s = time_slices, time_slice_s
         # Point features: the 5 normalised LiDAR columns.
         self.pillars = PillarEncoder(pillar_grid, len(LIDAR_FEATURES), pillar_channels, hidden_channels)
+        self.flow = flow_settings(flow)
+        if self.flow is not None and time_slices < 2:
+            raise ValueError(f"LidarPillarBranch: flow needs time_slices >= 2, got {time_slices}")
         self.downsample = Downsample(pillar_channels + time_slices, pillar_upsample)
-        self.bev_encoder = BEVEncoder(pillar_channels + time_slices, out_channels, bev_blocks)
+        extra = flow_channels(self.flow) if self.flow is not None else 0
+        self.bev_encoder = BEVEncoder(pillar_channels + time_slices + extra, out_channels, bev_blocks)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Batch -> [B, out_channels, grid.height, grid.width]."""
@@ -209,7 +218,14 @@ class LidarPillarBranch(nn.Module):
         bev = self.pillars(points[:, :3], features, sample_of_point, batch.batch_size)
         bev = _with_time_slices(bev, points, sample_of_point, self.pillars.pillar_grid, self.time_slices,
                                 self.time_slice_s)
-        return self.bev_encoder(self.downsample(bev))
+        bev = self.downsample(bev)
+        if self.flow is not None:
+            low_removed = above_ground(points, self.flow)
+            occupancy = time_slice_occupancy(low_removed[:, :3], low_removed[:, 4], sample_of_point,
+                                             batch.batch_size, self.grid, self.time_slices, self.time_slice_s)
+            flow = flow_from_slices(occupancy, self.grid.cell_size, self.time_slice_s, self.flow)
+            bev = torch.cat([bev, flow.to(bev.dtype)], dim=1)
+        return self.bev_encoder(bev)
 
 
 def _with_time_slices(bev: torch.Tensor, points: torch.Tensor, sample_of_point: torch.Tensor, grid: BEVGrid,

@@ -32,7 +32,8 @@ def export_spec(model, image_size: tuple[int, int] | None, num_cameras: int = 6,
                             heading_from_motion=hparams.get("heading_from_motion"),
                             heading_from_motion_mode=hparams.get("heading_from_motion_mode", "flip"),
                             point_motion=hparams.get("point_motion"), map_heading=hparams.get("map_heading"),
-                            attribute_from_motion=hparams.get("attribute_from_motion"))
+                            attribute_from_motion=hparams.get("attribute_from_motion"),
+                            vru_heading_from_motion=hparams.get("vru_heading_from_motion"))
     direction = getattr(model.head, "direction", None) is not None
     return ExportSpec(grid=asdict(model.grid), modalities=modalities,
                       image_size=tuple(image_size) if "camera" in modalities else None,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fusion.branches.common import PillarEncoder
 from fusion.branches.lidar import _normalised_lidar_features
+from fusion.branches.occupancy_flow import above_ground, flow_from_slices
 from fusion.cuda_ops.reference import point_cells
 from fusion.deploy.segments import group_rows, sorted_max, sorted_sum, to_dense
 from fusion.grid import BEVGrid
@@ -126,13 +127,21 @@ class LidarPillarGraph(nn.Module):
         self.pillars = DensePillars(branch.pillars)
         self.time_slices = (DenseTimeSlices(branch.pillars.pillar_grid, branch.time_slices, branch.time_slice_s)
                             if branch.time_slices else None)
+        self.flow_slices = (DenseTimeSlices(branch.grid, branch.time_slices, branch.time_slice_s)
+                            if branch.flow is not None else None)
 
     def forward(self, points: Tensor) -> Tensor:
         points = points.float()
         bev = self.pillars(points[:, :3], _normalised_lidar_features(points, self.branch.grid))
         if self.time_slices is not None:
             bev = torch.cat([bev, self.time_slices(points)], dim=1)
-        return self.branch.bev_encoder(self.branch.downsample(bev))
+        bev = self.branch.downsample(bev)
+        if self.flow_slices is not None:
+            flow = self.branch.flow
+            occupancy = self.flow_slices(above_ground(points, flow))
+            bev = torch.cat([bev, flow_from_slices(occupancy, self.branch.grid.cell_size, self.branch.time_slice_s,
+                                                   flow)], dim=1)
+        return self.branch.bev_encoder(bev)
 
 
 class RadarGraph(nn.Module):

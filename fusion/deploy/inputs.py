@@ -95,4 +95,5 @@ def decode(output: HeadOutput, spec: ExportSpec, score_threshold: float | None =
     boxes = decode_boxes(output, spec.bev_grid, threshold, settings.max_boxes, settings.pool_size)
     return finish_boxes(boxes, batch, spec.bev_grid, point_motion_settings(settings.point_motion),
                         settings.heading_from_motion, settings.heading_from_motion_mode,
-                        map_heading_settings(settings.map_heading), settings.attribute_from_motion)
+                        map_heading_settings(settings.map_heading), settings.attribute_from_motion,
+                        settings.vru_heading_from_motion)

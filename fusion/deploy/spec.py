@@ -36,6 +36,7 @@ class DecodeSettings:
     point_motion: dict | None = None  # fusion.heads.point_motion.PointMotionSettings fields; None: off
     map_heading: dict | None = None  # fusion.heads.map_heading.MapHeadingSettings fields; None: off
     attribute_from_motion: float | None = None  # m/s; None: off (fusion.heads.decode.attributes_from_motion)
+    vru_heading_from_motion: float | None = None  # m/s; None: off (fusion.heads.decode.vru_headings_from_motion)
 
     def check(self) -> None:
         """ValueError naming the field whose value the decoding cannot use (the spec comes from a file)."""
@@ -51,7 +52,7 @@ class DecodeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"decode.{name} must be an integer >= 1, got {value!r}")
-        for name in ("heading_from_motion", "attribute_from_motion"):
+        for name in ("heading_from_motion", "attribute_from_motion", "vru_heading_from_motion"):
             value = getattr(self, name)
             if value is not None and not (number(value) and value >= 0):
                 raise ValueError(f"decode.{name} must be a speed >= 0 (m/s) or null, got {value!r}")

@@ -180,6 +180,22 @@ def align_heading_with_motion(yaw: Tensor, velocity: Tensor, min_speed: float, m
     return torch.where(moving, heading, yaw)
 
 
+VULNERABLE_ROAD_USERS: tuple[str, ...] = ("pedestrian", "bicycle", "motorcycle")
+
+
+def vru_headings_from_motion(yaw: Tensor, velocity: Tensor, labels: Tensor, min_speed: float) -> Tensor:
+    """yaw [N] (radians) where a pedestrian, bicycle or motorcycle (labels [N], DETECTION_CLASSES index) moves at
+    least min_speed (velocity [N, 2], m/s, same frame): replaced by the direction of its motion. People walk and
+    two-wheelers ride forwards, never sideways, and their nearly square boxes give the head's axis little to go on
+    (on the selection drives a third of the matched pedestrians' headings were off by 45-135 degrees). Other boxes,
+    and slower ones, keep their yaw."""
+    vru = torch.zeros_like(labels, dtype=torch.bool)
+    for name in VULNERABLE_ROAD_USERS:
+        vru |= labels == DETECTION_CLASSES.index(name)
+    facing = align_heading_with_motion(yaw, velocity, min_speed, "direction")
+    return torch.where(vru, facing, yaw)
+
+
 def _moving_attribute_table() -> Tensor:
     """[10] int64: the attribute index that says "moving" for each of DETECTION_CLASSES, NO_ATTRIBUTE for none."""
     moving = ("vehicle.moving", "cycle.with_rider", "pedestrian.moving")
